@@ -1,0 +1,247 @@
+"""The learner step, blind to the algorithm (prime-rl's split).
+
+It turns trajectory groups into tensors, asks the policy for the current log-probs, looks the objective up in
+the loss registry by name and hands every objective the same inputs. R²VPO's dual variable λ is the only
+algorithm state it keeps, and it is updated once per optimizer step from the detached ratio variance.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from client.schemas import TrajectoryGroup
+from trainer.advantages import group_advantages
+from trainer.dual import DualAscent
+from trainer.losses import get_loss, masked_mean
+from trainer.replay import ReplayBuffer, ReplayConfig
+from trainer.staleness import (
+    StalenessConfig,
+    effective_max_lag,
+    is_admissible,
+    lag_of,
+    lag_weights,
+    staleness_histogram,
+)
+
+DUAL_ALGOS = {"r2vpo"}
+
+
+class DualConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budget: float = Field(0.04, gt=0, description="δ, the ratio-variance budget (ε² for ε = 0.2)")
+    lr: float = Field(0.1, ge=0, description="η_λ, the dual step size")
+    lam_max: float = Field(10.0, ge=0)
+    lam_init: float = Field(0.0, ge=0)
+    mode: Literal["additive", "multiplicative"] = "additive"
+
+
+class LearnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algo: str = Field("r2vpo", description="objective: r2vpo | grpo | ppo | dapo | gspo | cispo | is")
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    updates_per_batch: int = Field(1, ge=1, description="optimizer steps on each batch (data reuse)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    filter_zero_variance: bool = Field(False, description="drop groups whose rewards are all equal (DAPO)")
+    dual: DualConfig = Field(default_factory=DualConfig)
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="extra keywords of the loss")
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+
+
+@dataclass
+class Batch:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    behavior_logp: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] bool
+    advantages: torch.Tensor  # [B]
+    rewards: torch.Tensor  # [B]
+    lags: torch.Tensor  # [B] long
+    group_index: torch.Tensor  # [B] long
+    zero_var_groups: int
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, Any]
+    trained: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def build_batch(groups: list[TrajectoryGroup], version: int, advantage: str) -> Batch:
+    prompt_ids, completion_ids, rewards, lags, group_index, advantages = [], [], [], [], [], []
+    zero_var = 0
+    for gi, group in enumerate(groups):
+        adv = group_advantages(torch.tensor([group.rewards], dtype=torch.float32), kind=advantage)
+        zero_var += int(adv.zero_var_groups.sum())
+        advantages.append(adv.advantages[0])
+        for c in group.completions:
+            prompt_ids.append(group.prompt_token_ids)
+            completion_ids.append(c.token_ids)
+            rewards.append(c.reward)
+            lags.append(lag_of(version, c.policy_version))
+            group_index.append(gi)
+    width = max(len(c) for c in completion_ids)
+    behavior = torch.zeros(len(completion_ids), width)
+    mask = torch.zeros(len(completion_ids), width, dtype=torch.bool)
+    row = 0
+    for group in groups:
+        for c in group.completions:
+            behavior[row, : len(c.token_ids)] = torch.tensor(c.behavior_logprobs)
+            mask[row, : len(c.token_ids)] = True
+            row += 1
+    return Batch(
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        behavior_logp=behavior,
+        mask=mask,
+        advantages=torch.cat(advantages),
+        rewards=torch.tensor(rewards),
+        lags=torch.tensor(lags),
+        group_index=torch.tensor(group_index),
+        zero_var_groups=zero_var,
+    )
+
+
+class Learner:
+    """Owns the optimizer, the dual variable and the version counter of one policy."""
+
+    def __init__(self, policy: Any, config: LearnerConfig, *, seed: int = 0) -> None:
+        self.policy = policy
+        self.config = config
+        self.loss_fn = get_loss(config.algo)
+        self.optimizer = torch.optim.AdamW(
+            policy.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        self.dual = DualAscent(**config.dual.model_dump())
+        self.replay = ReplayBuffer(config.replay)
+        self.max_lag = effective_max_lag(config.algo, config.staleness)
+        self.rng = random.Random(seed)
+        self.version = 0
+        self.step = 0
+
+    # -- state for checkpoints --------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"version": self.version, "step": self.step, "dual": self.dual.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.version = int(state["version"])
+        self.step = int(state["step"])
+        self.dual.load_state_dict(state["dual"])
+
+    # -- one batch --------------------------------------------------------------------------------
+    def train_on(self, groups: list[TrajectoryGroup]) -> StepResult:
+        """Train on fresh groups (plus replayed ones); returns metrics and which group ids were used."""
+        started = time.perf_counter()
+        admitted, dropped = [], []
+        for g in groups:
+            (admitted if is_admissible(lag_of(self.version, g.policy_version), self.max_lag) else dropped).append(g)
+        if self.config.filter_zero_variance:
+            informative = [g for g in admitted if len(set(g.rewards)) > 1]
+            dropped += [g for g in admitted if len(set(g.rewards)) <= 1]
+            admitted = informative
+        self.replay.evict_older_than(self.version)
+        replayed = self.replay.sample(self.rng, exclude={g.group_id for g in admitted}) if admitted else []
+        self.replay.add(admitted)
+        batch_groups = admitted + replayed
+        metrics: dict[str, Any] = {
+            "groups_in": len(groups),
+            "groups_dropped": len(dropped),
+            "groups_replayed": len(replayed),
+        }
+        if not batch_groups:
+            metrics["version"] = self.version
+            return StepResult(metrics=metrics, dropped=[g.group_id for g in dropped])
+        batch = build_batch(batch_groups, self.version, self.config.advantage)
+        metrics |= self._update(batch)
+        metrics |= {
+            "version": self.version,
+            "step": self.step,
+            "samples": int(batch.mask.shape[0]),
+            "tokens": int(batch.mask.sum()),
+            "reward_mean": float(batch.rewards.mean()),
+            "zero_var_group_frac": batch.zero_var_groups / len(batch_groups),
+            "staleness_histogram": staleness_histogram(batch.lags.tolist()),
+            "learner_s": time.perf_counter() - started,
+        }
+        metrics["learner_tokens_per_s"] = metrics["tokens"] * self.config.updates_per_batch / metrics["learner_s"]
+        return StepResult(
+            metrics=metrics, trained=[g.group_id for g in admitted], dropped=[g.group_id for g in dropped]
+        )
+
+    def _update(self, batch: Batch) -> dict[str, Any]:
+        cfg = self.config
+        weights = lag_weights(batch.lags, cfg.staleness.lag_decay)
+        adv = (batch.advantages * weights)[:, None].expand_as(batch.behavior_logp)
+        uses_dual = cfg.algo in DUAL_ALGOS
+        metrics: dict[str, Any] = {}
+        for update in range(cfg.updates_per_batch):
+            lam = self.dual.lam if uses_dual else 0.0
+            out = self.policy.token_logprobs(
+                batch.prompt_ids, batch.completion_ids, temperature=cfg.temperature, with_entropy=True
+            )
+            result = self.loss_fn(
+                out.logp,
+                batch.behavior_logp,
+                adv,
+                batch.mask,
+                lam=lam,
+                group_ids=batch.group_index,
+                var_budget=cfg.dual.budget if uses_dual else None,
+                **cfg.loss_options,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), cfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm at step {self.step}; update skipped")
+            self.optimizer.step()
+            if uses_dual:
+                self.dual.update(result.ratio_var)
+            self.version += 1
+            self.step += 1
+            if update == 0:
+                metrics |= self._first_update_metrics(out, batch, weights)
+            metrics |= result.metrics
+            metrics |= {"grad_norm": grad_norm, "lam_next": self.dual.lam if uses_dual else 0.0}
+        return metrics
+
+    @staticmethod
+    def _first_update_metrics(out: Any, batch: Batch, weights: torch.Tensor) -> dict[str, Any]:
+        """Diagnostics measured before the first optimizer step of the batch (weights as sampled)."""
+        with torch.no_grad():
+            logp, mask = out.logp.detach(), batch.mask
+            metrics: dict[str, Any] = {"entropy": float(masked_mean(out.entropy.detach(), mask))}
+            fresh = mask & (batch.lags == 0)[:, None]
+            if fresh.any():
+                # At lag 0 the learner's weights are the sampler's: any difference is engine mismatch.
+                delta = (logp - batch.behavior_logp).abs()[fresh]
+                metrics |= {"logp_mismatch_mean": float(delta.mean()), "logp_mismatch_max": float(delta.max())}
+            log_ratio = torch.where(mask, logp - batch.behavior_logp, 0.0).clamp(-20, 20)
+            ratio = torch.exp(log_ratio)
+            per_lag = {}
+            for lag in sorted(set(batch.lags.tolist())):
+                rows = mask & (batch.lags == lag)[:, None]
+                r = ratio[rows]
+                w = weights[batch.lags == lag][0]
+                per_lag[str(lag)] = {
+                    "tokens": int(rows.sum()),
+                    "ratio_mean": float(r.mean()),
+                    "ratio_var": float(r.var(unbiased=False)),
+                    "effective_weight": float((r * w).mean()),
+                }
+            metrics["per_lag"] = per_lag
+        return metrics
