@@ -1,0 +1,101 @@
+"""The `r2vpo` command line: one subcommand per verb (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="R²VPO asynchronous RL trainer.")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    sync: bool = typer.Option(True, "--sync/--async", help="--sync: one process; --async: the service pipeline"),
+    algo: str = typer.Option("r2vpo", help="objective: r2vpo | grpo | ppo | dapo | gspo | cispo | is"),
+    steps: int = typer.Option(400, help="learner batches (16 prompts × 8 samples each by default)"),
+    seed: int = typer.Option(0, help="seed of sampling, prompt order and initialisation"),
+    lr: float = typer.Option(1e-4, help="learning rate (AdamW)"),
+    updates_per_batch: int = typer.Option(1, help="optimizer steps on each batch"),
+    lag: int = typer.Option(0, help="train on samples generated this many policy versions earlier"),
+    run_dir: Optional[Path] = typer.Option(None, help="run directory [default: runs/<algo>-s<seed>-lag<lag>]"),
+    model: Optional[Path] = typer.Option(None, help="HF causal LM directory [default: embedded tiny policy]"),
+    task: str = typer.Option("chain_sum", help="reasoning-gym dataset name"),
+    group_size: int = typer.Option(8, help="G, completions per prompt"),
+    prompts_per_batch: int = typer.Option(16, help="prompts per batch"),
+    eval_every: int = typer.Option(50, help="evaluate held-out accuracy every N batches"),
+    var_budget: float = typer.Option(0.04, help="R²VPO δ: budget on the ratio variance"),
+    dual_lr: float = typer.Option(0.1, help="R²VPO η_λ: dual ascent step size"),
+    checkpoint_every: int = typer.Option(0, help="checkpoint every N batches (0: at the end only)"),
+    resume: bool = typer.Option(False, help="continue the run in --run-dir from its last checkpoint"),
+    config: Optional[Path] = typer.Option(None, help="JSON file of a full SyncTrainConfig (flags override)"),
+) -> None:
+    """Train a policy with R²VPO or a baseline objective."""
+    if not sync:
+        _fail("asynchronous training runs as services: use `r2vpo up --mode async`")
+    from pydantic import ValidationError
+
+    from trainer.policy import PolicyLoadError
+    from trainer.sync import SyncTrainConfig, run_sync
+
+    base = json.loads(config.read_text()) if config else {}
+    overrides = {
+        "run_dir": run_dir or Path("runs") / f"{algo}-s{seed}-lag{lag}",
+        "model": model,
+        "steps": steps,
+        "seed": seed,
+        "lag": lag,
+        "group_size": group_size,
+        "prompts_per_batch": prompts_per_batch,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+    }
+    learner = base.get("learner", {}) | {"algo": algo, "lr": lr, "updates_per_batch": updates_per_batch}
+    learner["dual"] = learner.get("dual", {}) | {"budget": var_budget, "lr": dual_lr}
+    task_cfg = base.get("task", {}) | {"name": task}
+    if task != "chain_sum" and "params" not in base.get("task", {}):
+        task_cfg["params"] = {}
+    try:
+        cfg = SyncTrainConfig.model_validate(base | overrides | {"learner": learner, "task": task_cfg})
+        from trainer.losses import get_loss
+
+        get_loss(cfg.learner.algo)
+    except (ValidationError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"run directory: {cfg.run_dir}")
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}"))  # fmt: skip
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task(f"{algo} lag {lag}", total=steps, info="")
+
+        def report(done: int, total: int, record: dict) -> None:
+            info = f"reward {record.get('reward_mean', 0):.2f}"
+            if "lam_next" in record and algo == "r2vpo":
+                info += f" λ {record['lam_next']:.3f}"
+            if "accuracy" in record:
+                info += f" acc {record['accuracy']:.3f}"
+            bar.update(job, completed=done, info=info)
+
+        try:
+            summary = run_sync(cfg, resume=resume, progress=report)
+        except (PolicyLoadError, ValueError) as exc:
+            _fail(str(exc))
+    console.print(
+        f"held-out accuracy {summary['initial_accuracy']:.3f} → {summary['final_accuracy']:.3f} "
+        f"after {summary['rollouts_consumed']} rollouts in {summary['wall_time_s']:.0f} s "
+        f"(summary: {cfg.run_dir / 'summary.json'})"
+    )
+
+
+if __name__ == "__main__":
+    app()
