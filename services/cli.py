@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -21,15 +20,17 @@ def _fail(message: str) -> None:
 
 @app.command()
 def train(
-    sync: bool = typer.Option(True, "--sync/--async", help="--sync: one process; --async: the service pipeline"),
+    sync: bool = typer.Option(
+        True, "--sync/--async", help="--sync: one process; --async: the service pipeline"
+    ),
     algo: str = typer.Option("r2vpo", help="objective: r2vpo | grpo | ppo | dapo | gspo | cispo | is"),
     steps: int = typer.Option(400, help="learner batches (16 prompts × 8 samples each by default)"),
     seed: int = typer.Option(0, help="seed of sampling, prompt order and initialisation"),
     lr: float = typer.Option(1e-4, help="learning rate (AdamW)"),
     updates_per_batch: int = typer.Option(1, help="optimizer steps on each batch"),
     lag: int = typer.Option(0, help="train on samples generated this many policy versions earlier"),
-    run_dir: Optional[Path] = typer.Option(None, help="run directory [default: runs/<algo>-s<seed>-lag<lag>]"),
-    model: Optional[Path] = typer.Option(None, help="HF causal LM directory [default: embedded tiny policy]"),
+    run_dir: Path | None = typer.Option(None, help="run directory [default: runs/<algo>-s<seed>-lag<lag>]"),
+    model: Path | None = typer.Option(None, help="HF causal LM directory [default: embedded tiny policy]"),
     task: str = typer.Option("chain_sum", help="reasoning-gym dataset name"),
     group_size: int = typer.Option(8, help="G, completions per prompt"),
     prompts_per_batch: int = typer.Option(16, help="prompts per batch"),
@@ -38,7 +39,7 @@ def train(
     dual_lr: float = typer.Option(0.1, help="R²VPO η_λ: dual ascent step size"),
     checkpoint_every: int = typer.Option(0, help="checkpoint every N batches (0: at the end only)"),
     resume: bool = typer.Option(False, help="continue the run in --run-dir from its last checkpoint"),
-    config: Optional[Path] = typer.Option(None, help="JSON file of a full SyncTrainConfig (flags override)"),
+    config: Path | None = typer.Option(None, help="JSON file of a full SyncTrainConfig (flags override)"),
 ) -> None:
     """Train a policy with R²VPO or a baseline objective."""
     if not sync:
@@ -73,8 +74,13 @@ def train(
     except (ValidationError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"run directory: {cfg.run_dir}")
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}"))  # fmt: skip
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         job = bar.add_task(f"{algo} lag {lag}", total=steps, info="")
 

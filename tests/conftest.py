@@ -30,7 +30,9 @@ def redis_url(redis_server: RedisServer) -> str:
 def serve_app(app, *, port: int | None = None, ready_path: str = "/healthz") -> Iterator[str]:
     """Run `app` under uvicorn on 127.0.0.1 in a thread; yields its base URL; stops it on exit."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

@@ -148,7 +148,9 @@ class Learner:
         started = time.perf_counter()
         admitted, dropped = [], []
         for g in groups:
-            (admitted if is_admissible(lag_of(self.version, g.policy_version), self.max_lag) else dropped).append(g)
+            (
+                admitted if is_admissible(lag_of(self.version, g.policy_version), self.max_lag) else dropped
+            ).append(g)
         if self.config.filter_zero_variance:
             informative = [g for g in admitted if len(set(g.rewards)) > 1]
             dropped += [g for g in admitted if len(set(g.rewards)) <= 1]
@@ -177,7 +179,9 @@ class Learner:
             "staleness_histogram": staleness_histogram(batch.lags.tolist()),
             "learner_s": time.perf_counter() - started,
         }
-        metrics["learner_tokens_per_s"] = metrics["tokens"] * self.config.updates_per_batch / metrics["learner_s"]
+        metrics["learner_tokens_per_s"] = (
+            metrics["tokens"] * self.config.updates_per_batch / metrics["learner_s"]
+        )
         return StepResult(
             metrics=metrics, trained=[g.group_id for g in admitted], dropped=[g.group_id for g in dropped]
         )
@@ -229,7 +233,10 @@ class Learner:
             if fresh.any():
                 # At lag 0 the learner's weights are the sampler's: any difference is engine mismatch.
                 delta = (logp - batch.behavior_logp).abs()[fresh]
-                metrics |= {"logp_mismatch_mean": float(delta.mean()), "logp_mismatch_max": float(delta.max())}
+                metrics |= {
+                    "logp_mismatch_mean": float(delta.mean()),
+                    "logp_mismatch_max": float(delta.max()),
+                }
             log_ratio = torch.where(mask, logp - batch.behavior_logp, 0.0).clamp(-20, 20)
             ratio = torch.exp(log_ratio)
             per_lag = {}

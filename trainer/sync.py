@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
 from trainer.learner import Learner, LearnerConfig
-from trainer.policy import Policy
+from trainer.policy import Policy, greedy_accuracy
 from trainer.rollout import generate_groups
-from trainer.task import Task, TaskConfig, greedy_accuracy
+from trainer.task import Task, TaskConfig
 
 
 class SyncTrainConfig(BaseModel):
@@ -83,11 +83,16 @@ def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None
             problems = task.sample_train(cfg.prompts_per_batch, rng)
             pending.append(
                 generate_groups(
-                    policy, task, problems,
-                    group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.learner.temperature, version=learner.version, generator=generator,
+                    policy,
+                    task,
+                    problems,
+                    group_size=cfg.group_size,
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.learner.temperature,
+                    version=learner.version,
+                    generator=generator,
                 )
-            )  # fmt: skip
+            )
             counters["rollouts_generated"] += cfg.prompts_per_batch * cfg.group_size
             if len(pending) <= delay:
                 continue
@@ -101,12 +106,20 @@ def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None
                 total_hist[lag] = total_hist.get(lag, 0) + n
             record = {**result.metrics, **counters, "batch": batches_done}
             record["wall_s"] = time.perf_counter() - started
-            record["samples_preview"] = [{"prompt": groups[0].prompt, "completion": c.text, "reward": c.reward}
-                                         for c in groups[0].completions[:4]]  # fmt: skip
+            record["samples_preview"] = [
+                {"prompt": groups[0].prompt, "completion": c.text, "reward": c.reward}
+                for c in groups[0].completions[:4]
+            ]
             if batches_done % cfg.eval_every == 0 or batches_done == cfg.steps:
                 record["accuracy"] = evaluate()
-                curve.append({"step": learner.step, "rollouts": counters["rollouts_consumed"],
-                              "accuracy": record["accuracy"], "wall_s": record["wall_s"]})  # fmt: skip
+                curve.append(
+                    {
+                        "step": learner.step,
+                        "rollouts": counters["rollouts_consumed"],
+                        "accuracy": record["accuracy"],
+                        "wall_s": record["wall_s"],
+                    }
+                )
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if cfg.checkpoint_every and batches_done % cfg.checkpoint_every == 0:
@@ -143,8 +156,9 @@ def _default_model(cfg: SyncTrainConfig) -> Path:
     return ensure_default_policy(task_cfg=cfg.task)
 
 
-def _checkpoint(cfg: SyncTrainConfig, learner: Learner, counters: dict, rng: random.Random, root: Path) -> None:
+def _checkpoint(
+    cfg: SyncTrainConfig, learner: Learner, counters: dict, rng: random.Random, root: Path
+) -> None:
     state = learner.state() | {"counters": counters}
     save_checkpoint(root, policy=learner.policy, optimizer=learner.optimizer, state=state, rng=rng)
     prune_checkpoints(root, cfg.keep_checkpoints)
-

@@ -1,0 +1,67 @@
+"""Learner service HTTP surface: status, health, weights download, metrics. The work runs in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from services.learner.service import LearnerService, LearnerSettings
+from services.weights import weights_router
+
+log = logging.getLogger("r2vpo.learner")
+
+
+def create_app(settings: LearnerSettings) -> FastAPI:
+    service = LearnerService(settings)
+    stop = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        task = asyncio.create_task(service.run(stop))
+        task.add_done_callback(_log_failure)
+        app.state.task = task
+        try:
+            yield
+        finally:
+            stop.set()  # SIGTERM: finish the step in flight, commit, then exit
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=60)
+            if service.queue is not None:
+                await service.queue.redis.aclose()
+
+    app = FastAPI(title="r2vpo learner", lifespan=lifespan)
+    app.state.service = service
+    app.include_router(weights_router(service.store))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        task = getattr(app.state, "task", None)
+        if task is not None and task.done() and task.exception() is not None:
+            return JSONResponse({"status": "error", "error": repr(task.exception())}, status_code=500)
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict:
+        return {"status": "ready", "version": service.learner.version}
+
+    @app.get("/status")
+    async def status() -> dict:
+        queue_length = await service.queue.length() if service.queue else None
+        return service.status | {
+            "finished": service.finished,
+            "queue_length": queue_length,
+            "last_metrics": service.last_metrics,
+        }
+
+    return app
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("learner loop failed: %r", task.exception())

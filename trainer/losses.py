@@ -1,0 +1,326 @@
+"""Policy-gradient objectives as pure functions of tensors (DESIGN §5).
+
+Per valid response token j of the batch (N tokens), DESIGN §5:
+
+    ratio_j = exp(logp_j − b_j)                       log-ratio clamped to ±LOG_RATIO_CLAMP
+    J       = mean_j(ratio_j · adv_j)                 surrogate
+    V       = mean_j (ratio_j − r̄)²,  r̄ = mean_j r_j  ratio variance (χ² trust region, budget δ)
+    loss    = −J + lam·V                              R²VPO, lam ≥ 0 fixed during the step
+    −∂loss/∂logp_j = (1/N) · ratio_j · (adv_j − 2·lam·(ratio_j − r̄))   (the ascent direction)
+
+The §5 options: variance per token (default), per group (r̄ per group) or per sequence (GSPO-style
+sequence ratio s_i = exp(mean_t log-ratio)). Baselines with the same contract: PPO-clip / GRPO, DAPO
+clip-higher, GSPO, CISPO (stop-gradient clipped IS weight) and unclipped IS.
+
+Shared input contract: ``logp`` [B, T] float (requires grad), ``behavior_logp`` [B, T] (no grad),
+``advantages`` [B, T] or [B] (broadcast over T), ``mask`` [B, T] bool. Masked positions may hold anything
+(NaN, inf): they are replaced with ``torch.where`` before any ``exp``, so they never reach the loss or
+the gradient. Every entry of ``LOSSES`` takes
+``fn(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **options)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LOG_RATIO_CLAMP = 20.0
+WOULD_CLIP_EPS = 0.2  # the PPO ε against which `would_clip_frac` is measured
+VAR_LEVELS = ("token", "sequence", "group")
+CENTERS = ("mean", "one")
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: Tensor  # scalar, differentiable
+    metrics: dict[str, float]
+    ratio_var: Tensor | None = None  # detached scalar V, read by the dual update
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is True; masked entries may hold NaN/inf."""
+    x = torch.where(mask, x, 0.0)
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _validate(logp: Tensor, behavior_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if logp.dim() != 2 or not logp.is_floating_point():
+        raise ValueError(f"logp must be a 2-D float tensor [B, T], got {logp.dtype} shape {_shape(logp)}")
+    for name, t in (("behavior_logp", behavior_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"shape mismatch: {name} has shape {_shape(t)} but logp has {_shape(logp)}")
+    if advantages.shape not in (logp.shape, logp.shape[:1]):
+        raise ValueError(
+            f"shape mismatch: advantages has shape {_shape(advantages)}, expected [B] = [{logp.shape[0]}] "
+            f"or [B, T] = {_shape(logp)} like logp"
+        )
+    if not bool(mask.any()):
+        raise ValueError("empty mask: no valid tokens in the batch")
+    adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
+    for name, t in (("logp", logp), ("behavior_logp", behavior_logp), ("advantages", adv)):
+        if not bool(torch.isfinite(t.detach()[mask]).all()):
+            raise ValueError(f"{name} has NaN or inf at a valid (mask=True) position")
+
+
+def _log_ratio(logp: Tensor, behavior_logp: Tensor, mask: Tensor) -> Tensor:
+    log_ratio = torch.where(mask, logp - behavior_logp.detach(), 0.0)  # garbage at masked positions → 0
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _token_adv(advantages: Tensor, mask: Tensor) -> Tensor:
+    adv = advantages.unsqueeze(-1).expand_as(mask) if advantages.dim() == 1 else advantages
+    return torch.where(mask, adv.detach(), 0.0)
+
+
+def _group_mean(ratio: Tensor, mask: Tensor, group_ids: Tensor) -> Tensor:
+    """Per-token r̄_{g(j)}: token mean of the valid ratios of the token's group, shape [B, 1]."""
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    sums = ratio.new_zeros(groups.numel()).index_add(0, inverse, torch.where(mask, ratio, 0.0).sum(1))
+    counts = ratio.new_zeros(groups.numel()).index_add(0, inverse, mask.sum(1).to(ratio.dtype))
+    return (sums / counts.clamp(min=1))[inverse].unsqueeze(1)
+
+
+def _ratio_stats(ratio: Tensor, unit_mask: Tensor, log_ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Ratio statistics over the valid units (tokens or sequences) and token-level KL(k1, k3)."""
+    dtype = torch.promote_types(ratio.dtype, torch.float32)
+    r = ratio.detach()[unit_mask].to(dtype)
+    log_r = log_ratio.detach()[mask].to(dtype)
+    return {
+        "ratio_mean": r.mean(),
+        "ratio_var": r.var(unbiased=False),
+        "ratio_max": r.max(),
+        "ratio_min": r.min(),
+        "ratio_p99": torch.quantile(r, 0.99),
+        "ess": r.sum() ** 2 / (r.numel() * (r**2).sum()),
+        "would_clip_frac": ((r - 1).abs() > WOULD_CLIP_EPS).to(dtype).mean(),
+        "kl_k1": (-log_r).mean(),
+        "kl_k3": (torch.expm1(log_r) - log_r).mean(),
+    }
+
+
+def _output(loss: Tensor, metrics: dict[str, Tensor | float], ratio_var: Tensor) -> LossOutput:
+    names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    stacked = torch.stack([metrics[k].detach().double() for k in names]).tolist()  # one device sync
+    values = dict(zip(names, stacked, strict=True))
+    return LossOutput(loss, {k: float(values.get(k, v)) for k, v in metrics.items()}, ratio_var.detach())
+
+
+def _sequence_units(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sequence ratio s_i = exp(mean_t log-ratio), sequence advantage (row mean) and valid rows."""
+    return torch.exp(masked_mean(log_ratio, mask, dim=1)), masked_mean(adv, mask, dim=1), mask.any(dim=1)
+
+
+def r2vpo_loss(
+    logp: Tensor,
+    behavior_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    lam: float = 0.0,
+    *,
+    var_level: str = "token",
+    group_ids: Tensor | None = None,
+    var_budget: float | None = None,
+    normalize_by_lambda: bool = False,
+    center: str = "mean",
+) -> LossOutput:
+    """R²VPO: loss = −J + lam·V (DESIGN §5). ``var_level`` picks the unit of the variance; ``center``
+    "one" measures V = mean (r − 1)² instead; ``normalize_by_lambda`` divides the loss by (1 + lam)."""
+    _validate(logp, behavior_logp, advantages, mask)
+    if var_level not in VAR_LEVELS:
+        raise ValueError(f"unknown var_level {var_level!r}; choose one of: {', '.join(VAR_LEVELS)}")
+    if center not in CENTERS:
+        raise ValueError(f"unknown center {center!r}; choose one of: {', '.join(CENTERS)}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if var_level == "group" and (group_ids is None or group_ids.shape != logp.shape[:1]):
+        raise ValueError(f"var_level='group' needs group_ids of shape [B] = [{logp.shape[0]}]")
+    log_ratio = _log_ratio(logp, behavior_logp, mask)
+    adv = _token_adv(advantages, mask)
+    if var_level == "sequence":
+        ratio, adv, unit_mask = _sequence_units(log_ratio, adv, mask)
+    else:
+        ratio, unit_mask = torch.exp(log_ratio), mask
+    if center == "one":
+        ratio_bar = torch.ones_like(ratio)
+    elif var_level == "group":
+        ratio_bar = _group_mean(ratio, mask, group_ids)
+    else:
+        ratio_bar = masked_mean(ratio, unit_mask)  # not detached: r̄ is part of the variance
+    J = masked_mean(ratio * adv, unit_mask)
+    V = masked_mean((ratio - ratio_bar) ** 2, unit_mask)
+    loss = -J + lam * V
+    if normalize_by_lambda:
+        loss = loss / (1.0 + lam)
+    with torch.no_grad():
+        coef = ratio * (adv - 2 * lam * (ratio - ratio_bar))  # per-unit gradient weight on ∇logp
+        metrics: dict[str, Tensor | float] = {"loss": loss, "surrogate": J}
+        metrics |= _ratio_stats(ratio, unit_mask, log_ratio, mask)
+        metrics |= {"ratio_var": V, "sign_flip_frac": masked_mean((coef * adv < 0).to(V.dtype), unit_mask)}
+        metrics["lam"] = float(lam)
+        if var_budget is not None:
+            metrics["var_minus_budget"] = V - var_budget
+    return _output(loss, metrics, V)
+
+
+def is_loss(logp: Tensor, behavior_logp: Tensor, advantages: Tensor, mask: Tensor) -> LossOutput:
+    """Unclipped importance sampling: loss = −mean_j(ratio_j · adv_j), i.e. R²VPO with lam = 0."""
+    return r2vpo_loss(logp, behavior_logp, advantages, mask, 0.0)
+
+
+def _check_eps(eps_low: float, eps_high: float) -> None:
+    if not (0.0 <= eps_low <= 1.0 and eps_high >= 0.0):
+        raise ValueError(f"need 0 <= eps_low <= 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+
+
+def _clipped_surrogate(
+    ratio: Tensor, adv: Tensor, unit_mask: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, Tensor]:
+    """mean min(r·A, clip(r, 1−ε_low, 1+ε_high)·A) and the units whose clipped branch is active."""
+    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
+    surrogate = masked_mean(torch.minimum(ratio * adv, clipped_ratio * adv), unit_mask)
+    clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))
+    return surrogate, clipped
+
+
+def ppo_clip_loss(
+    logp: Tensor,
+    behavior_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> LossOutput:
+    """PPO / GRPO: loss = −mean_j min(r_j A_j, clip(r_j, 1−ε_low, 1+ε_high) A_j), token-mean."""
+    _validate(logp, behavior_logp, advantages, mask)
+    _check_eps(eps_low, eps_high)
+    log_ratio = _log_ratio(logp, behavior_logp, mask)
+    adv = _token_adv(advantages, mask)
+    ratio = torch.exp(log_ratio)
+    surrogate, clipped = _clipped_surrogate(ratio, adv, mask, eps_low, eps_high)
+    loss = -surrogate
+    with torch.no_grad():
+        metrics: dict[str, Tensor | float] = {"loss": loss, "surrogate": surrogate}
+        metrics |= _ratio_stats(ratio, mask, log_ratio, mask)
+        metrics["clip_frac"] = masked_mean(clipped.to(ratio.dtype), mask)
+    return _output(loss, metrics, metrics["ratio_var"])
+
+
+def dapo_loss(
+    logp: Tensor,
+    behavior_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+) -> LossOutput:
+    """DAPO clip-higher: PPO-clip with ε_high = 0.28, token-mean."""
+    return ppo_clip_loss(logp, behavior_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high)
+
+
+def gspo_loss(
+    logp: Tensor,
+    behavior_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps: float = 3e-4,
+    eps_high: float | None = None,
+) -> LossOutput:
+    """GSPO: s_i = exp(mean_t log-ratio of seq i); loss = −mean_i min(s_i A_i, clip(s_i, 1±ε) A_i).
+    ``eps_high`` defaults to ``eps`` (the paper uses 3e-4 / 4e-4)."""
+    _validate(logp, behavior_logp, advantages, mask)
+    eps_high = eps if eps_high is None else eps_high
+    _check_eps(eps, eps_high)
+    log_ratio = _log_ratio(logp, behavior_logp, mask)
+    seq_ratio, seq_adv, rows = _sequence_units(log_ratio, _token_adv(advantages, mask), mask)
+    surrogate, clipped = _clipped_surrogate(seq_ratio, seq_adv, rows, eps, eps_high)
+    loss = -surrogate
+    with torch.no_grad():
+        metrics: dict[str, Tensor | float] = {"loss": loss, "surrogate": surrogate}
+        metrics |= _ratio_stats(seq_ratio, rows, log_ratio, mask)
+        metrics["clip_frac"] = masked_mean(clipped.to(seq_ratio.dtype), rows)
+    return _output(loss, metrics, metrics["ratio_var"])
+
+
+def cispo_loss(
+    logp: Tensor,
+    behavior_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 1.0,
+    eps_high: float = 0.28,
+) -> LossOutput:
+    """CISPO: loss = −mean_j sg(clip(r_j, 1−ε_low, 1+ε_high)) · A_j · logp_j; every token keeps a gradient.
+    ε_low = 1 means no lower clip (MiniMax-M1)."""
+    _validate(logp, behavior_logp, advantages, mask)
+    _check_eps(eps_low, eps_high)
+    log_ratio = _log_ratio(logp, behavior_logp, mask)
+    adv = _token_adv(advantages, mask)
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(1 - eps_low, 1 + eps_high).detach()
+    loss = -masked_mean(weight * adv * torch.where(mask, logp, 0.0), mask)
+    with torch.no_grad():
+        metrics: dict[str, Tensor | float] = {"loss": loss, "surrogate": masked_mean(ratio * adv, mask)}
+        metrics |= _ratio_stats(ratio, mask, log_ratio, mask)
+        metrics["clip_frac"] = masked_mean((weight != ratio).to(ratio.dtype), mask)
+    return _output(loss, metrics, metrics["ratio_var"])
+
+
+# --- registry: one call signature for every algorithm, so the learner is blind to which one runs ---
+
+LossFn = Callable[..., LossOutput]
+
+
+def _r2vpo(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **options):
+    return r2vpo_loss(
+        logp, behavior_logp, advantages, mask, lam, group_ids=group_ids, var_budget=var_budget, **options
+    )
+
+
+def _without_dual(fn: LossFn) -> LossFn:
+    """Adapter for objectives with no dual variable: ignores lam and group_ids, reports V − budget."""
+
+    def adapter(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **opts):
+        del lam, group_ids  # no dual variable, no group-centred variance
+        out = fn(logp, behavior_logp, advantages, mask, **opts)
+        if var_budget is None:
+            return out
+        metrics = {**out.metrics, "var_minus_budget": out.metrics["ratio_var"] - var_budget}
+        return LossOutput(out.loss, metrics, out.ratio_var)
+
+    adapter.__name__ = adapter.__qualname__ = f"{fn.__name__}_adapter"
+    adapter.__doc__ = fn.__doc__
+    return adapter
+
+
+LOSSES: dict[str, LossFn] = {
+    "r2vpo": _r2vpo,
+    "grpo": _without_dual(ppo_clip_loss),
+    "ppo": _without_dual(ppo_clip_loss),
+    "dapo": _without_dual(dapo_loss),
+    "gspo": _without_dual(gspo_loss),
+    "cispo": _without_dual(cispo_loss),
+    "is": _without_dual(is_loss),
+}
+
+
+def get_loss(name: str) -> LossFn:
+    """The registered loss called ``name``, with the common signature (see module docstring)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(LOSSES)}")
+    return LOSSES[name]
