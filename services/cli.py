@@ -13,6 +13,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="R²VPO async
 console = Console(stderr=True)
 
 
+def _progress_columns() -> tuple:
+    return (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=2)
@@ -100,6 +110,117 @@ def train(
         f"held-out accuracy {summary['initial_accuracy']:.3f} → {summary['final_accuracy']:.3f} "
         f"after {summary['rollouts_consumed']} rollouts in {summary['wall_time_s']:.0f} s "
         f"(summary: {cfg.run_dir / 'summary.json'})"
+    )
+
+
+SERVICES = ("inference", "reward", "rollout", "learner", "dashboard")
+
+
+def _load_service(name: str) -> tuple[type, object]:
+    """(settings class, create_app) of a service, imported lazily so `r2vpo --help` stays fast."""
+    if name == "inference":
+        from services.inference import InferenceSettings, create_app
+    elif name == "reward":
+        from services.reward import RewardSettings as InferenceSettings
+        from services.reward import create_app
+    elif name == "rollout":
+        from services.rollout.app import create_app
+        from services.rollout.worker import RolloutSettings as InferenceSettings
+    elif name == "learner":
+        from services.learner.app import create_app
+        from services.learner.service import LearnerSettings as InferenceSettings
+    elif name == "dashboard":
+        from services.dashboard import DashboardSettings as InferenceSettings
+        from services.dashboard import create_app
+    else:
+        _fail(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
+    return InferenceSettings, create_app
+
+
+@app.command()
+def serve(
+    service: str = typer.Argument(..., help="inference | reward | rollout | learner | dashboard"),
+    config: Path | None = typer.Option(None, help="JSON file of the service's settings"),
+    host: str | None = typer.Option(None, help="bind address [default: from settings, 127.0.0.1]"),
+    port: int | None = typer.Option(None, help="port [default: from settings]"),
+    model: Path | None = typer.Option(None, help="model directory (inference, learner)"),
+    plugin: str | None = typer.Option(None, help="reward plug-in: builtin:<name> or module:function"),
+) -> None:
+    """Run one service (what compose and Kubernetes run); settings from --config JSON and R2VPO_* env."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    settings_cls, create_app = _load_service(service)
+    values = json.loads(config.read_text()) if config else {}
+    flags = {"host": host, "port": port, "model": model, "plugin": plugin}
+    values |= {k: v for k, v in flags.items() if v is not None}
+    try:
+        settings = settings_cls(**values)
+    except ValidationError as exc:
+        _fail(f"invalid {service} settings:\n{exc}")
+    application = create_app(settings)
+    uvicorn.run(
+        application, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30
+    )
+
+
+@app.command()
+def up(
+    mode: str = typer.Option("async", help="async: rollouts run ahead of the learner; sync: lock-step"),
+    algo: str = typer.Option("r2vpo", help="objective: r2vpo | grpo | ppo | dapo | gspo | cispo | is"),
+    steps: int = typer.Option(150, help="learner steps (16 groups × 8 samples each) before stopping"),
+    rollout_workers: int = typer.Option(1, help="rollout worker processes"),
+    run_dir: Path = typer.Option(Path("runs/up"), help="run directory"),
+    model: Path | None = typer.Option(None, help="HF causal LM directory [default: embedded tiny policy]"),
+    redis_url: str | None = typer.Option(None, help="use this Redis instead of starting one"),
+    max_lag: int = typer.Option(4, help="async: how many versions rollouts may run ahead of the learner"),
+    lr: float = typer.Option(1e-4, help="learning rate"),
+    seed: int = typer.Option(0, help="seed"),
+    config: Path | None = typer.Option(None, help="JSON file of a full UpConfig (flags override)"),
+) -> None:
+    """Run the whole system on this machine: Redis, inference, reward, rollout(s) and learner."""
+    from pydantic import ValidationError
+
+    from services.up import UpConfig, run_up
+
+    base = json.loads(config.read_text()) if config else {}
+    learner = base.get("learner", {}) | {"algo": algo, "lr": lr}
+    try:
+        cfg = UpConfig.model_validate(
+            base
+            | {
+                "mode": mode,
+                "steps": steps,
+                "rollout_workers": rollout_workers,
+                "run_dir": run_dir,
+                "model": model,
+                "redis_url": redis_url,
+                "max_lag": max_lag,
+                "seed": seed,
+                "learner": learner,
+            }
+        )
+    except ValidationError as exc:
+        _fail(str(exc))
+    with Progress(*_progress_columns(), console=console) as bar:
+        job = bar.add_task(f"{algo} {mode}", total=steps, info="starting services")
+
+        def report(event: dict) -> None:
+            if event["event"] == "started":
+                for name, url in event["urls"].items():
+                    bar.console.print(f"  {name:<10} {url}")
+            elif event["event"] == "restarted":
+                bar.console.print(f"[yellow]restarted {event['service']}[/]")
+            elif event["event"] == "status":
+                info = f"version {event.get('version')} λ {event.get('lam', 0):.3f}"
+                if event.get("accuracy") is not None:
+                    info += f" acc {event['accuracy']:.3f}"
+                bar.update(job, completed=event.get("step", 0), info=info)
+
+        summary = run_up(cfg, on_progress=report)
+    console.print(
+        f"held-out accuracy {summary['initial_accuracy']:.3f} → {summary['final_accuracy']:.3f}; "
+        f"staleness {summary['staleness_histogram']}; summary: {cfg.run_dir / 'summary.json'}"
     )
 
 

@@ -58,3 +58,11 @@ def serve_app(app, *, port: int | None = None, ready_path: str = "/healthz") -> 
 def app_server():
     """`app_server(app)` → context manager yielding the base URL of the app served on a free port."""
     return serve_app
+
+
+@pytest.fixture(scope="session")
+def default_policy_dir():
+    """The embedded default policy (warm-started once, cached under R2VPO_CACHE_DIR)."""
+    from trainer.tiny import ensure_default_policy
+
+    return ensure_default_policy(progress=False)

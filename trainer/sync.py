@@ -46,7 +46,7 @@ class SyncTrainConfig(BaseModel):
 
 def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None) -> dict[str, Any]:
     """Run the synchronous trainer; writes the run directory and returns the summary."""
-    started = time.perf_counter()
+    setup_started = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -68,6 +68,8 @@ def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text("")
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
+    started = time.perf_counter()
+    setup_s = started - setup_started
 
     def evaluate() -> float:
         return greedy_accuracy(policy, task, task.heldout_problems, max_new_tokens=cfg.max_new_tokens)
@@ -142,6 +144,7 @@ def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None
         "staleness_histogram": dict(sorted(total_hist.items())),
         "lam": learner.dual.lam,
         "wall_time_s": time.perf_counter() - started,
+        "setup_s": setup_s,
         **counters,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
