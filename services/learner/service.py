@@ -135,9 +135,10 @@ class LearnerService:
         assert self.queue is not None
         s = self.settings
         batch: list[Delivery] = []
-        if own_pending:
-            batch += await self.queue.read_own_pending(s.groups_per_step)
-        batch += await self.queue.reclaim(s.reclaim_idle_ms, count=s.groups_per_step)
+        # After a restart the groups this learner held (read, never acknowledged) are taken back at once;
+        # later only those idle longer than reclaim_idle_ms (a dead consumer's) are.
+        idle_ms = 0 if own_pending else s.reclaim_idle_ms
+        batch += await self.queue.reclaim(idle_ms, count=s.groups_per_step)
         while len(batch) < s.groups_per_step and not stop.is_set():
             batch += await self.queue.read(s.groups_per_step - len(batch), block_ms=s.read_block_ms)
         return batch
@@ -190,11 +191,7 @@ class LearnerService:
         publish_s = await self._publish()
         await self.queue.ack(self.uncommitted, [d.group.group_id for d in self.uncommitted])
         if self.uncommitted_dropped:
-            await self.queue.drop(
-                self.uncommitted_dropped,
-                [d.group.group_id for d in self.uncommitted_dropped],
-                reason="stale beyond max_lag",
-            )
+            await self.queue.drop(self.uncommitted_dropped, reason="stale beyond max_lag")
         self.uncommitted, self.uncommitted_dropped = [], []
         await self.queue.set_state(
             {"version": self.learner.version, "lam": self.learner.dual.lam, "step": self.learner.step}

@@ -1,0 +1,462 @@
+"""The Redis side of the system (DESIGN §4): trajectory queue, dead letters, weight announcements, metrics.
+
+Every key is namespaced per run (`r2vpo:{run}:…`). Delivery is at-least-once (a consumer group on one
+stream); the training *effect* is exactly-once: an entry is acked and deleted only after the optimizer step
+that used it, in the same atomic step that adds its group id to the trained set, and a group id that is
+already trained is skipped on delivery. Entries of a dead learner are reclaimed with XAUTOCLAIM.
+
+Accounting identity, computable from Redis alone (see `TrajectoryQueue.accounting`):
+    produced = trained + dead_lettered + dropped + duplicates_skipped + pending
+where each stream entry is counted once by the step that XACKs it (XACK's reply decides, so two learners
+settling the same entry count it once). `duplicates_skipped` is 0 unless a producer pushed a group twice.
+
+Reconnects: the client from `connect_redis` retries single commands a few times on connection errors
+(redis-py's `Retry`, for blips); services wrap each loop iteration in `with_retry` to ride out a restart.
+With append-only persistence the consumer group and its pending entries survive a restart; if the
+stream/group is gone anyway (NOGROUP), it is recreated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aredis
+from pydantic import ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from client.schemas import TrajectoryGroup, WeightsAnnouncement
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+# Atomic settle of stream entries (a script rather than MULTI/EXEC so the counters can follow what XACK
+# and SADD actually returned). KEYS: stream, counters, set. ARGV: group, entry counter, repeat counter,
+# extra counter ('' = none), n ids, ids..., set members...
+_SETTLE = """
+local n = tonumber(ARGV[5])
+local acked = 0
+if n > 0 then
+  acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 6, 5 + n))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, 6, 5 + n))
+end
+local repeated = 0
+for i = 6 + n, #ARGV do
+  if redis.call('SADD', KEYS[3], ARGV[i]) == 0 then repeated = repeated + 1 end
+end
+if acked > 0 then redis.call('HINCRBY', KEYS[2], ARGV[2], acked) end
+if acked > 0 and ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[4], acked) end
+if repeated > 0 and ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], repeated) end
+return {acked, repeated}
+"""
+
+
+class QueueUnavailable(RuntimeError):
+    """Redis could not be reached after all retries."""
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """All Redis keys of one run (DESIGN §4)."""
+
+    run: str
+    trajectories: str = field(init=False)  # stream, consumer group `learners`
+    deadletter: str = field(init=False)  # stream of rejected groups, with the reason
+    weights_channel: str = field(init=False)  # pub/sub: wakes weight watchers
+    weights_latest: str = field(init=False)  # hash: the latest announcement (source of truth)
+    metrics: str = field(init=False)  # capped stream of step metrics
+    state: str = field(init=False)  # hash: learner version, λ, …
+    trained: str = field(init=False)  # set of trained group ids
+    dropped: str = field(init=False)  # set of group ids the learner chose not to train
+    counters: str = field(init=False)  # hash: produced, trained, dead_lettered, dropped, …
+
+    def __post_init__(self) -> None:
+        suffixes = {"weights_channel": "weights", "weights_latest": "weights:latest"}
+        for name in ("trajectories", "deadletter", "weights_channel", "weights_latest", "metrics", "state",
+                     "trained", "dropped", "counters"):  # fmt: skip
+            object.__setattr__(self, name, f"r2vpo:{self.run}:{suffixes.get(name, name)}")
+
+
+@dataclass
+class Delivery:
+    """One validated trajectory group handed to a learner; `deliveries` counts redeliveries too."""
+
+    entry_id: str
+    group: TrajectoryGroup
+    deliveries: int
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***` (safe to log)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+async def connect_redis(
+    url: str,
+    *,
+    attempts: int = 30,
+    backoff_s: float = 0.2,
+    max_backoff_s: float = 5.0,
+    log: logging.Logger | None = None,
+) -> aredis.Redis:
+    """A client for `url` (redis:// or rediss://) once PING succeeds; exponential backoff between tries."""
+    log = log or logger
+    client = aredis.from_url(
+        url,
+        decode_responses=False,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+    )
+    delay, last = backoff_s, None
+    for attempt in range(1, attempts + 1):
+        try:
+            await client.ping()
+            return client
+        except AuthenticationError as exc:
+            await client.aclose()
+            raise QueueUnavailable(f"Redis at {redact_url(url)} rejected the credentials: {exc}") from exc
+        except TRANSIENT as exc:
+            last = exc
+            log.warning("redis %s not reachable (attempt %d/%d): %s", redact_url(url), attempt, attempts, exc)
+            if attempt < attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff_s)
+    await client.aclose()
+    raise QueueUnavailable(f"Redis at {redact_url(url)} not reachable after {attempts} attempts: {last}")
+
+
+async def with_retry(
+    op: Callable[[], Awaitable[T]],
+    *,
+    attempts: int = 10,
+    backoff: float = 0.2,
+    max_backoff: float = 5.0,
+    log: logging.Logger | None = None,
+) -> T:
+    """`await op()`, retrying on connection errors/timeouts with exponential backoff (rides out a restart)."""
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    delay = backoff
+    for attempt in range(1, attempts + 1):
+        try:
+            result = await op()
+            _checkpoint()
+            return result
+        except TRANSIENT as exc:
+            if attempt == attempts:
+                raise QueueUnavailable(f"Redis operation failed after {attempts} attempts: {exc}") from exc
+            (log or logger).warning("redis operation failed (attempt %d/%d): %s", attempt, attempts, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_backoff)
+    raise AssertionError("unreachable")
+
+
+def _checkpoint() -> None:
+    """Re-raise a cancellation that Python 3.11's `asyncio.wait_for` (used inside redis-py) swallowed
+    when its inner call finished at the same moment; without this a cancelled polling loop runs on."""
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)() > 0:
+        raise asyncio.CancelledError()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(reply: Any) -> list[tuple[Any, Any]]:
+    """Entries of an XREADGROUP reply, whatever shape redis-py gives (RESP2 list or RESP3/unified dict)."""
+    if not reply:
+        return []
+    out: list[tuple[Any, Any]] = []
+    for entries in reply.values() if isinstance(reply, dict) else [e for _, e in reply]:
+        for item in entries or []:
+            nested = bool(item) and isinstance(item[0], list | tuple)  # RESP3 legacy: one more list level
+            out.extend(item if nested else [item] if item else [])
+    return out
+
+
+class TrajectoryQueue:
+    """The run's trajectory stream and everything around it; one instance per process (named consumer)."""
+
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        run: str,
+        *,
+        consumer: str,
+        group_name: str = "learners",
+        max_len: int = 1024,
+    ) -> None:
+        self.redis, self.keys, self.consumer = redis, RedisKeys(run), consumer
+        self.group_name, self.max_len = group_name, max_len
+        self._settle_script = redis.register_script(_SETTLE)
+        self._inflight: set[str] = set()  # entries delivered to this consumer and not yet settled
+        self._claim_cursor = "0-0"
+
+    # --- producers ------------------------------------------------------------------------------------
+    async def push(self, group: TrajectoryGroup) -> str:
+        """Append one group as one entry (field `data` = JSON). Bounded by `wait_for_room`, never trimmed."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.trajectories, {"data": group.model_dump_json().encode()})
+            pipe.hincrby(self.keys.counters, "produced", 1)
+            entry_id, _ = await pipe.execute()
+        return _s(entry_id)
+
+    async def length(self) -> int:
+        return int(await self.redis.xlen(self.keys.trajectories))
+
+    async def wait_for_room(self, *, poll_s: float = 0.05, timeout_s: float | None = None) -> float:
+        """Block while the stream holds `max_len` entries or more; returns the seconds paused."""
+        start = time.monotonic()
+        while await self.length() >= self.max_len:
+            _checkpoint()
+            if timeout_s is not None and time.monotonic() - start >= timeout_s:
+                raise TimeoutError(f"trajectory stream still full ({self.max_len}) after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+        return time.monotonic() - start
+
+    async def dead_letter(
+        self, payload: dict | str | bytes, reason: str, *, group_id: str | None = None, produced: bool = True
+    ) -> None:
+        """Record a group that never reached the stream (e.g. scoring failed) with the reason.
+
+        `produced=True` (default) counts it as produced *and* dead-lettered, keeping the accounting
+        identity; `produced=False` only writes the record (a note, no counters)."""
+        data = payload if isinstance(payload, str | bytes) else json.dumps(payload, default=str)
+        record = {"reason": reason, "group_id": group_id or "", "data": data, "time": repr(time.time())}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.deadletter, record, maxlen=10_000, approximate=True)
+            if produced:
+                pipe.hincrby(self.keys.counters, "produced", 1)
+                pipe.hincrby(self.keys.counters, "dead_lettered", 1)
+            await pipe.execute()
+
+    # --- consumers ------------------------------------------------------------------------------------
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and stream) from the start of the stream; no-op if it exists."""
+        try:
+            await self.redis.xgroup_create(self.keys.trajectories, self.group_name, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _grouped(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()
+            return await call()
+
+    async def pending_count(self) -> int:
+        """Entries delivered to some consumer and not yet acked."""
+        try:
+            return int((await self.redis.xpending(self.keys.trajectories, self.group_name))["pending"])
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return 0
+            raise
+
+    async def read(self, count: int, block_ms: int = 1000) -> list[Delivery]:
+        """Up to `count` new groups for this consumer (validated, deduplicated); `block_ms<=0`: no wait."""
+        streams = {self.keys.trajectories: ">"}
+        block = block_ms if block_ms > 0 else None
+        reply = await self._grouped(
+            lambda: self.redis.xreadgroup(self.group_name, self.consumer, streams, count=count, block=block)
+        )
+        return await self._admit(_entries(reply), {})
+
+    async def reclaim(self, min_idle_ms: int, count: int = 64) -> list[Delivery]:
+        """Take over entries idle longer than `min_idle_ms` (a dead consumer's) with XAUTOCLAIM."""
+        reply = await self._grouped(
+            lambda: self.redis.xautoclaim(
+                self.keys.trajectories, self.group_name, self.consumer, min_idle_ms, self._claim_cursor, count
+            )
+        )
+        self._claim_cursor = _s(reply[0])  # redis 7 adds reply[2] (deleted ids, already out of the PEL)
+        entries = [(i, f) for i, f in reply[1] if _s(i or b"") not in self._inflight]
+        if any(i is None for i, _ in entries):  # redis 6.2: deleted entries stay pending, ids hidden
+            await self._ack_deleted_pending()
+        entries = [(i, f) for i, f in entries if i is not None]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in entries:
+                pipe.xpending_range(self.keys.trajectories, self.group_name, entry_id, entry_id, 1)
+            info = await pipe.execute()
+        counts = {
+            _s(i): int(p[0]["times_delivered"]) if p else 1 for (i, _), p in zip(entries, info, strict=True)
+        }
+        return await self._admit(entries, counts)
+
+    async def _ack_deleted_pending(self) -> None:
+        pel = await self.redis.xpending_range(
+            self.keys.trajectories, self.group_name, "-", "+", 1000, consumername=self.consumer
+        )
+        for row in pel:
+            if not await self.redis.xrange(self.keys.trajectories, row["message_id"], row["message_id"]):
+                await self.redis.xack(self.keys.trajectories, self.group_name, row["message_id"])
+
+    async def _admit(self, entries: list[tuple[Any, Any]], counts: dict[str, int]) -> list[Delivery]:
+        """Validate and deduplicate raw entries; invalid ones are dead-lettered, duplicates skipped."""
+        valid: list[Delivery] = []
+        for raw_id, fields in entries:
+            entry_id, data = _s(raw_id), (fields or {}).get(b"data") or (fields or {}).get("data")
+            try:
+                if data is None:
+                    raise ValueError("entry has no 'data' field")
+                group = TrajectoryGroup.model_validate_json(data)
+            except (ValidationError, ValueError) as exc:
+                await self._dead_letter_entry(entry_id, data, f"invalid trajectory group: {exc}"[:2000])
+                continue
+            valid.append(Delivery(entry_id, group, counts.get(entry_id, 1)))
+        if not valid:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for d in valid:
+                pipe.sismember(self.keys.trained, d.group.group_id)
+                pipe.sismember(self.keys.dropped, d.group.group_id)
+            flags = await pipe.execute()
+        fresh, seen, dups = [], set(), []
+        for k, d in enumerate(valid):
+            if flags[2 * k] or flags[2 * k + 1] or d.group.group_id in seen:
+                dups.append(d.entry_id)
+            else:
+                seen.add(d.group.group_id)
+                fresh.append(d)
+        if dups:
+            await self._settle(dups, [], self.keys.trained, "duplicates_skipped")
+        self._inflight.update(d.entry_id for d in fresh)
+        return fresh
+
+    async def _dead_letter_entry(self, entry_id: str, data: Any, reason: str) -> None:
+        record = {"reason": reason, "group_id": "", "data": data or b"", "entry_id": entry_id}
+        record["time"] = repr(time.time())
+        await self.redis.xadd(self.keys.deadletter, record, maxlen=10_000, approximate=True)
+        await self._settle([entry_id], [], self.keys.trained, "dead_lettered")
+
+    async def _settle(
+        self, entry_ids: Sequence[str], members: Sequence[str], set_key: str, field: str, repeat: str = "",
+        extra: str = "",
+    ) -> tuple[int, int]:  # fmt: skip
+        keys = [self.keys.trajectories, self.keys.counters, set_key]
+        args = [self.group_name, field, repeat, extra, len(entry_ids), *entry_ids, *members]
+        acked, repeated = await self._settle_script(keys=keys, args=args)
+        self._inflight.difference_update(entry_ids)
+        return int(acked), int(repeated)
+
+    async def ack(
+        self,
+        deliveries_or_entry_ids: Sequence[Delivery] | Sequence[str],
+        group_ids: Sequence[str] | None = None,
+    ) -> int:
+        """After the optimizer step that used them is committed: atomically add the group ids to the trained
+        set, XACK + XDEL the entries, count `trained` (entries acked) and `trained_twice` (ids already in the
+        set). `group_ids` defaults to the deliveries' groups. Returns the number of entries acked."""
+        items = list(deliveries_or_entry_ids)
+        ids = [d.entry_id if isinstance(d, Delivery) else d for d in items]
+        if group_ids is None:
+            group_ids = [d.group.group_id for d in items if isinstance(d, Delivery)]
+        acked, _ = await self._settle(ids, list(group_ids), self.keys.trained, "trained", "trained_twice")
+        return acked
+
+    async def drop(self, deliveries: Sequence[Delivery], reason: str) -> int:
+        """Settle groups the learner chose not to train (e.g. too stale): ack + delete their entries, add
+        them to the `dropped` set, count `dropped` and `dropped:{reason}`. Returns entries acked."""
+        ids, gids = [d.entry_id for d in deliveries], [d.group.group_id for d in deliveries]
+        acked, _ = await self._settle(ids, gids, self.keys.dropped, "dropped", "", f"dropped:{reason}")
+        return acked
+
+    async def trained_ids(self) -> set[str]:
+        return {_s(m) for m in await self.redis.smembers(self.keys.trained)}
+
+    async def accounting(self) -> dict[str, int]:
+        """Run accounting; `unaccounted` = produced − (trained + dead_lettered + dropped + duplicates
+        + pending) is 0 when every produced group is accounted for."""
+        raw = await self.redis.hgetall(self.keys.counters)
+        c = {_s(k): int(v) for k, v in raw.items()}
+        names = ("produced", "trained", "dead_lettered", "dropped", "duplicates_skipped", "trained_twice")
+        out = {name: c.get(name, 0) for name in names}
+        out["pending"] = await self.length()
+        out["trained_groups"] = int(await self.redis.scard(self.keys.trained))
+        settled = sum(
+            out[k] for k in ("trained", "dead_lettered", "dropped", "duplicates_skipped", "pending")
+        )
+        out["unaccounted"] = out["produced"] - settled
+        return out
+
+    # --- weights --------------------------------------------------------------------------------------
+    async def announce(self, a: WeightsAnnouncement) -> None:
+        """Write the announcement to the `weights:latest` hash (source of truth), then PUBLISH to wake
+        watchers."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.weights_latest, mapping=a.model_dump(mode="json"))
+            pipe.publish(self.keys.weights_channel, a.model_dump_json())
+            await pipe.execute()
+
+    async def latest_weights(self) -> WeightsAnnouncement | None:
+        raw = await self.redis.hgetall(self.keys.weights_latest)
+        return WeightsAnnouncement.model_validate({_s(k): _s(v) for k, v in raw.items()}) if raw else None
+
+    async def watch_weights(
+        self, poll_s: float = 1.0, *, after_version: int = -1
+    ) -> AsyncIterator[WeightsAnnouncement]:
+        """Yield each newer announcement once, ascending (read from the hash; pub/sub only wakes us, and
+        we also poll every `poll_s` in case a message was missed). Use with `contextlib.aclosing`."""
+        last, pubsub, subscribed = after_version, self.redis.pubsub(), False
+        try:
+            while True:
+                try:
+                    if not subscribed:
+                        await pubsub.subscribe(self.keys.weights_channel)
+                        subscribed = True
+                    latest = await self.latest_weights()
+                    _checkpoint()
+                    if latest is not None and latest.version > last:
+                        last = latest.version
+                        yield latest
+                        continue
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
+                    _checkpoint()
+                except TRANSIENT as exc:
+                    logger.warning("weights watch lost redis: %s", exc)
+                    subscribed = False
+                    await pubsub.reset()
+                    await asyncio.sleep(poll_s)
+        finally:
+            await pubsub.aclose()
+
+    # --- metrics & state ------------------------------------------------------------------------------
+    async def append_metrics(self, record: dict, maxlen: int = 10_000) -> str:
+        """Append one metrics record (JSON; non-finite floats become null) to the capped metrics stream."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        data = json.dumps(clean, default=str)
+        return _s(await self.redis.xadd(self.keys.metrics, {"data": data}, maxlen=maxlen, approximate=True))
+
+    async def read_metrics(self, after_id: str = "0-0", count: int = 1000) -> list[tuple[str, dict]]:
+        """Metrics records with ids strictly after `after_id`, oldest first."""
+        rows = await self.redis.xrange(self.keys.metrics, min=f"({after_id}", max="+", count=count)
+        return [(_s(i), json.loads(f[b"data"])) for i, f in rows]
+
+    async def set_state(self, mapping: dict) -> None:
+        await self.redis.hset(self.keys.state, mapping={k: str(v) for k, v in mapping.items()})
+
+    async def get_state(self) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in (await self.redis.hgetall(self.keys.state)).items()}
