@@ -224,5 +224,16 @@ def up(
     )
 
 
+@app.command("check-reward")
+def check_reward(
+    url: str = typer.Argument(..., help="base URL of a reward plug-in service, e.g. http://127.0.0.1:8002"),
+    timeout: float = typer.Option(10.0, help="per-request timeout in seconds"),
+) -> None:
+    """Run the reward plug-in contract checks against a running service."""
+    from client.plugin import check_reward_main
+
+    raise typer.Exit(check_reward_main(url, timeout=timeout))
+
+
 if __name__ == "__main__":
     app()
