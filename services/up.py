@@ -46,7 +46,7 @@ class UpConfig(BaseModel):
     max_lag: int = Field(4, ge=1, description="async admission bound in versions (sync mode uses 0)")
     eval_every: int = Field(25, ge=1)
     redis_url: str | None = Field(None, description="use this Redis instead of starting one")
-    dashboard: bool = False
+    dashboard: bool = True
     seed: int = 0
     timeout_s: float = Field(3600, gt=0)
     max_restarts: int = Field(3, ge=0, description="restarts per service before the run fails")

@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.learner.service import LearnerService, LearnerSettings
 from services.weights import weights_router
@@ -58,6 +59,10 @@ def create_app(settings: LearnerSettings) -> FastAPI:
             "queue_length": queue_length,
             "last_metrics": service.last_metrics,
         }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from services.learner.metrics import LearnerMetrics
 from services.queue import Delivery, TrajectoryQueue, connect_redis
 from services.settings import ServiceSettings
 from services.weights import WeightStore
@@ -83,6 +84,7 @@ class LearnerService:
         self.accuracy: float | None = None
         self.started = time.time()
         self.finished = False
+        self.metrics = LearnerMetrics()
 
     @property
     def status(self) -> dict[str, Any]:
@@ -170,6 +172,11 @@ class LearnerService:
             f.write(json.dumps(record) + "\n")
         assert self.queue is not None
         await self.queue.append_metrics(record)
+        hist = {int(k): v for k, v in result.metrics.get("staleness_histogram", {}).items()}
+        self.metrics.observe_step(
+            record, hist, max(1.0, result.metrics.get("samples", 1) / max(1, len(groups)))
+        )
+        self.metrics.observe_queue(await self.queue.accounting(), await self.queue.length())
         return record
 
     async def commit(self) -> dict[str, float]:

@@ -8,6 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from services.rollout.worker import RolloutSettings, RolloutWorker
 
@@ -41,8 +44,32 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     async def readyz() -> dict:
         return {"status": "ready"}
 
+    registry = CollectorRegistry()
+    registry.register(_StatsCollector(worker))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/status")
     async def status() -> dict:
         return {"worker_id": settings.worker_id, **worker.stats}
 
     return app
+
+
+class _StatsCollector:
+    """Exposes the worker's counters at scrape time, so the worker keeps one source of truth."""
+
+    def __init__(self, worker: RolloutWorker) -> None:
+        self.worker = worker
+
+    def collect(self):
+        stats = self.worker.stats
+        for name, key, doc in (
+            ("r2vpo_rollout_groups_produced", "groups_produced", "Groups pushed to the stream"),
+            ("r2vpo_rollout_groups_dead_lettered", "groups_dead_lettered", "Groups sent to dead letter"),
+            ("r2vpo_rollout_paused_seconds", "paused_s", "Time paused by admission control"),
+            ("r2vpo_rollout_batches", "batches", "Inference batches completed"),
+        ):
+            yield CounterMetricFamily(name, doc, value=stats[key])
