@@ -157,6 +157,7 @@ def run_up(cfg: UpConfig, *, on_progress: Callable[[dict[str, Any]], None] | Non
             "model": str(model),
             "admin_token": admin_token,
             "watch_weights": True,
+            "torch_threads": 1,
         },
         "learner": common
         | {

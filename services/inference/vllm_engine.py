@@ -373,6 +373,13 @@ class VllmEngine:
                 raise ValueError(f"{name} holds NaN or infinite values")
             if name not in self._aliases:
                 out[name] = tensor.detach().to("cpu").contiguous()
+        for alias, name in self._aliases.items():  # vLLM keeps one tensor for both: they must agree
+            if (
+                alias in state_dict
+                and name in state_dict
+                and not torch.equal(state_dict[alias], state_dict[name])
+            ):
+                raise ValueError(f"{alias} and {name} are tied in this model but differ in the update")
         return out
 
     # --- the worker thread ---------------------------------------------------------------------------

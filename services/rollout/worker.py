@@ -14,10 +14,10 @@ import random
 import time
 import uuid
 
-from client.inference import AsyncInferenceClient
-from client.reward import AsyncRewardClient, RewardError
 from pydantic import Field
 
+from client.inference import AsyncInferenceClient
+from client.reward import AsyncRewardClient, RewardError
 from client.schemas import Completion, CompletionRequest, ScoreRequest, TrajectoryGroup
 from services.queue import TrajectoryQueue, connect_redis
 from services.settings import ServiceSettings
@@ -97,8 +97,17 @@ class RolloutWorker:
             await _sleep_or_stop(stop, 0.05)
             self.stats["paused_s"] += paused + 0.05
             return False
+        if s.max_lag == 0 and not await self._inference_serves(learner_version):
+            await _sleep_or_stop(stop, 0.05)  # lock-step: wait for the swap to the learner's version
+            self.stats["paused_s"] += paused + 0.05
+            return False
         self.stats["paused_s"] += paused
         return await queue.length() < s.max_stream_len
+
+    async def _inference_serves(self, version: int) -> bool:
+        assert self.inference is not None
+        models = await self.inference.models()
+        return min(m.policy_version for m in models.data) >= version
 
     async def produce_batch(self) -> list[TrajectoryGroup]:
         """One inference request for `prompts_per_request` prompts × G, scored, pushed group by group."""
