@@ -18,11 +18,10 @@ def _up(
 ) -> tuple[subprocess.CompletedProcess, dict]:
     run_dir = tmp_path / "run"
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--run-dir", str(run_dir), "--model", str(default_policy_dir),
-         *args],
-        capture_output=True, text=True, timeout=timeout, env=os.environ | {"COLUMNS": "200"},
-    )  # fmt: skip
+    command = [sys.executable, "-m", "services.cli", "up", "--run-dir", str(run_dir)]
+    command += ["--model", str(default_policy_dir), *args]
+    env = os.environ | {"COLUMNS": "200"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not leftovers, f"processes left behind: {[p.cmdline() for p in leftovers]}"
     summary = json.loads((run_dir / "summary.json").read_text()) if result.returncode == 0 else {}
