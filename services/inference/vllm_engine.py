@@ -7,9 +7,10 @@ temperature and top-p, i.e. `log_softmax(logits / T)` over the nucleus; greedy: 
 and the policy version that generated it. Facts behind the choices: `/work/shared/notes/vllm-on-cpu.md`.
 
 - One worker thread builds the `LLM` and is the only thread that touches it (vLLM's offline engine is not
-  thread-safe, and on CPU it binds its OpenMP threads to the thread that built it). Requests from any
-  thread are queued; the worker adds them to vLLM as they arrive and steps the engine, so a request that
-  arrives mid-batch joins the running batch (continuous batching) instead of waiting for it.
+  thread-safe, and vLLM-CPU sets up its OpenMP thread binding in the thread that builds it). Requests from
+  any thread are queued; the worker adds them to vLLM as they arrive and steps the engine, so a request
+  that arrives mid-batch joins the running batch (continuous batching) instead of waiting for it. Greedy
+  requests with n > 1 are decoded once and repeated (vLLM refuses greedy n > 1).
 - Weight updates are staged: the worker stops admitting requests, finishes those in flight (so no
   completion mixes versions), reloads the full state dict in place through a worker extension
   (`model_runner.reload_weights`: vLLM repacks the weights; plain `load_weights` fails on CPU), resets the
@@ -19,8 +20,8 @@ and the policy version that generated it. Facts behind the choices: `/work/share
   torch to one intra-op thread and makes `torch.set_num_threads` a no-op for the rest of the process,
   which is harmless in the inference service's own process. `multiprocess=True` runs vLLM's engine core
   in its own processes (vLLM's default, better on GPUs); weights then cross as safetensors bytes, since
-  raw tensors do not survive vLLM's RPC serialisation. The mode is process-wide: set it before the
-  first engine of a process.
+  raw tensors do not survive vLLM's RPC serialisation. vLLM's in-process state is global, so a process
+  holds one in-process engine at a time (a second raises RuntimeError until the first is closed).
 
 vLLM is imported lazily: this module imports without it, and building an engine without it raises
 `ImportError` that says to install the vllm extra.
@@ -34,6 +35,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,9 +57,31 @@ INSTALL_HINT = (
 )
 
 
+_inprocess_lock = threading.Lock()
+_inprocess_engine: VllmEngine | None = None  # vLLM's in-process state (process groups, RNG) is global
+
+
+def _claim_inprocess(engine: VllmEngine) -> None:
+    global _inprocess_engine
+    with _inprocess_lock:
+        if _inprocess_engine is not None:
+            raise RuntimeError(
+                "one in-process vLLM engine per process: close the other first, or use multiprocess=True"
+            )
+        _inprocess_engine = engine
+
+
+def _release_inprocess(engine: VllmEngine) -> None:
+    global _inprocess_engine
+    with _inprocess_lock:
+        if _inprocess_engine is engine:
+            _inprocess_engine = None
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
+        from vllm import LLM, SamplingParams  # noqa: F401 - a bare `vllm` folder on sys.path imports too
     except ImportError as exc:
         raise ImportError(f"{INSTALL_HINT}: {exc}") from exc
     return vllm
@@ -78,7 +102,8 @@ class WorkerExtension:
             from safetensors.torch import load
 
             weights = load(bytes(weights))
-        self.reload_weights(weights_iterator=iter(list(weights.items())), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        items = list(weights.items())
+        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)  # type: ignore[attr-defined]
         from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
         for module in self.model_runner.get_model().modules():  # type: ignore[attr-defined]
@@ -176,7 +201,7 @@ class VllmEngine:
         model_name: str | None = None,
         version: int = 0,
         dtype: str = "float32",
-        seed: int = 0,
+        seed: int | None = None,
         max_model_len: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9,
@@ -186,6 +211,8 @@ class VllmEngine:
     ) -> None:
         """Build the engine (blocks until vLLM is up; ImportError without vLLM, ValueError on bad args).
 
+        `seed` seeds vLLM's sampling of requests without a seed of their own (None: a random one, so
+        that replicas do not draw the same samples; requests with a `seed` are reproducible either way).
         `max_batch_size` caps the sequences vLLM runs together (`max_num_seqs`). `max_model_len` defaults
         to the model's maximum positions. `kv_cache_memory_bytes` bounds the KV cache (default 1 GiB on
         CPU, unless `VLLM_CPU_KVCACHE_SPACE` is set; on GPU `gpu_memory_utilization` decides).
@@ -224,7 +251,7 @@ class VllmEngine:
         self._llm_kwargs: dict[str, Any] = {
             "model": str(model_dir),
             "dtype": dtype,
-            "seed": seed,
+            "seed": seed if seed is not None else secrets.randbits(31),
             "max_model_len": self._max_model_len,
             "max_num_seqs": max_batch_size,
             "enforce_eager": enforce_eager,
@@ -244,6 +271,8 @@ class VllmEngine:
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self.stats = {"requests": 0, "sequences": 0, "tokens": 0, "steps": 0, "swaps": 0}
+        if not multiprocess:
+            _claim_inprocess(self)
         self._worker = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._worker.start()
         self._built.wait()
@@ -401,6 +430,7 @@ class VllmEngine:
         if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier engine froze the env; read it again
             vllm.envs.disable_envs_cache()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.multiprocess else "0"
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage reports to vLLM's servers
         self.llm = self._vllm.LLM(**self._llm_kwargs)
         engine_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._max_model_len = min(self._max_model_len, engine_len)
@@ -411,6 +441,7 @@ class VllmEngine:
         except BaseException as exc:
             self._build_error = exc
             self._closed = True
+            self._shutdown()
             self._built.set()
             return
         self._built.set()
@@ -454,6 +485,9 @@ class VllmEngine:
                 self._admit(job)
             self._abort_cancelled()
             if not self._running:
+                continue
+            if not engine.has_unfinished_requests():  # would step forever: a bug, not the caller's fault
+                self._fail_running(RuntimeError("vLLM lost track of requests the engine was waiting for"))
                 continue
             self.stats["steps"] += 1
             for out in engine.step():
@@ -512,6 +546,11 @@ class VllmEngine:
         if ids:
             self.llm.llm_engine.abort_request(ids)
 
+    def _fail_running(self, error: BaseException) -> None:
+        for job in dict.fromkeys(self._running.values()):
+            _deliver(job.loop, job.future, None, error)
+            self._drop(job)
+
     def _abort_cancelled(self) -> None:
         for job in {j for j in self._running.values() if j.future.cancelled()}:
             self._drop(job)
@@ -538,20 +577,18 @@ class VllmEngine:
 
     def _shutdown(self) -> None:
         llm, self.llm = self.llm, None
-        if llm is None:
-            return
         try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # pragma: no cover - best effort at exit
-            log.debug("vLLM engine core shutdown failed", exc_info=True)
-        if not self.multiprocess:
-            try:  # let a later in-process engine set up vLLM's process group again
+            if llm is not None:
+                with contextlib.suppress(Exception):  # best effort at exit
+                    llm.llm_engine.engine_core.shutdown()
+            if not self.multiprocess:  # let a later in-process engine set up vLLM's process group again
                 from vllm.distributed.parallel_state import (
                     destroy_distributed_environment,
                     destroy_model_parallel,
                 )
 
-                destroy_model_parallel()
-                destroy_distributed_environment()
-            except Exception:  # pragma: no cover
-                log.debug("vLLM process-group teardown failed", exc_info=True)
+                with contextlib.suppress(Exception):
+                    destroy_model_parallel()
+                    destroy_distributed_environment()
+        finally:
+            _release_inprocess(self)
