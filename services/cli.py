@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -158,9 +159,16 @@ def serve(
         settings = settings_cls(**values)
     except ValidationError as exc:
         _fail(f"invalid {service} settings:\n{exc}")
+    log_level = str(getattr(settings, "log_level", "info")).lower()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     application = create_app(settings)
     uvicorn.run(
-        application, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=log_level == "debug",
+        timeout_graceful_shutdown=30,
     )
 
 
