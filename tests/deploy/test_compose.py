@@ -57,8 +57,14 @@ DASHBOARD_METRICS = {
 
 @pytest.fixture(scope="module")
 def env_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("compose") / ".env"
-    write_env_file(path)
+    """.env from .env.example with fresh secrets and, as a user does for the gpu profile, a host directory
+    holding the model that R2VPO_MODEL names (the bind mount needs it to exist)."""
+    root = tmp_path_factory.mktemp("compose")
+    model = root / "models" / read_env_file(ENV_EXAMPLE)["R2VPO_MODEL"]
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    path = root / ".env"
+    write_env_file(path, R2VPO_MODELS_HOST_DIR=str(root / "models"))
     return path
 
 
@@ -268,12 +274,47 @@ def test_gpu_profile_runs_vllm_on_a_reserved_gpu_with_the_named_model(renders, e
     devices = inference["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert inference["build"]["target"] == "gpu"
-    init = services["model-init-gpu"]
-    assert init["environment"]["R2VPO_MODEL"] == model
-    mounts = {m["target"]: m["source"] for m in init["volumes"]}
-    assert mounts["/models"] == "models"
-    for svc in ("inference-gpu", "learner-gpu"):
-        assert {m["target"]: m["source"] for m in services[svc]["volumes"]}["/models"] == "models"
+    assert services["model-init-gpu"]["environment"]["R2VPO_MODEL"] == model
+
+
+def test_gpu_profile_reads_the_model_from_a_read_only_host_directory(renders, env_file):
+    """The user's model directory, bind-mounted read-only at /models; no volume a download could fill."""
+    config = renders[("gpu",)]
+    host_dir = read_env_file(env_file)["R2VPO_MODELS_HOST_DIR"]
+    for svc in ("model-init-gpu", "inference-gpu", "learner-gpu"):
+        mount = {m["target"]: m for m in config["services"][svc]["volumes"]}["/models"]
+        assert mount["type"] == "bind" and mount["source"] == host_dir, f"{svc}: {mount}"
+        assert mount["read_only"] is True, f"{svc}: /models must be read-only"
+        assert mount["bind"]["create_host_path"] is False, f"{svc}: a missing directory must fail, not appear"
+    assert "models" not in config.get("volumes", {})
+    assert (Path(host_dir) / read_env_file(env_file)["R2VPO_MODEL"] / "config.json").is_file()
+
+
+def test_gpu_model_defaults_to_a_directory_name_under_deploy_models(tmp_path):
+    """.env.example as it is: R2VPO_MODEL is a plain directory name (the same default as compose.yaml) and
+    the relative host directory resolves next to deploy/compose.yaml, where git ignores it."""
+    example = read_env_file(ENV_EXAMPLE)
+    name = example["R2VPO_MODEL"]
+    assert name and "/" not in name and not name.startswith(".")
+    source = COMPOSE_FILE.read_text()
+    assert f"${{R2VPO_MODEL:-{name}}}" in source
+    assert f"${{R2VPO_MODELS_HOST_DIR:-{example['R2VPO_MODELS_HOST_DIR']}}}" in source
+    env_file = tmp_path / ".env"
+    write_env_file(env_file)
+    result = compose_config(env_file, profiles=("gpu",))
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    mount = {m["target"]: m for m in services["inference-gpu"]["volumes"]}["/models"]
+    assert Path(mount["source"]) == (DEPLOY / example["R2VPO_MODELS_HOST_DIR"]).resolve()
+    ignored = (DEPLOY / ".gitignore").read_text().split()
+    assert f"/{Path(mount['source']).relative_to(DEPLOY)}/" in ignored
+
+
+@pytest.mark.parametrize("profiles", PROFILE_SETS, ids=lambda p: "+".join(p) or "default")
+def test_no_service_gets_a_hub_token(renders, profiles):
+    for name, svc in renders[profiles]["services"].items():
+        env = svc.get("environment") or {}
+        assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} & set(env), f"{name}: {sorted(env)}"
 
 
 def test_cpu_profile_reserves_no_gpu(renders):

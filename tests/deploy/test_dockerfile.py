@@ -181,11 +181,85 @@ def test_healthcheck_script_fails_when_nothing_listens():
     assert healthcheck(f"http://127.0.0.1:{free_port()}/readyz").returncode == 1
 
 
-def test_prepare_model_uses_a_directory_already_in_the_models_volume(tmp_path):
-    model = tmp_path / "models" / "org" / "name"
+def prepare_model(models_dir, *args: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    env = {"R2VPO_MODELS_DIR": str(models_dir), "PATH": "/usr/bin:/bin"}
+    if extra_path is not None:
+        env["PYTHONPATH"] = extra_path
+    return run([sys.executable, str(PREPARE), *args], env=env, timeout=60)
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-0.5B-Instruct", "org/name"])
+def test_prepare_model_uses_the_directory_the_user_put_under_models(tmp_path, name):
+    model = tmp_path / "models" / name
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
-    env = {"R2VPO_MODELS_DIR": str(tmp_path / "models"), "PATH": "/usr/bin:/bin"}
-    result = run([sys.executable, str(PREPARE), "org/name"], env=env, timeout=60)
+    result = prepare_model(tmp_path / "models", name)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(model)
+
+
+@pytest.mark.parametrize("present", [False, True], ids=["missing", "without-config"])
+def test_prepare_model_refuses_a_missing_model_and_never_downloads(tmp_path, present):
+    """A name that is not a model directory under /models fails with what to do; nothing is fetched or
+    created, and huggingface_hub is never imported (a stand-in that fails on import proves it)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    if present:
+        (models / "Qwen2.5-0.5B-Instruct").mkdir()
+    poisoned = tmp_path / "site"
+    poisoned.mkdir()
+    (poisoned / "huggingface_hub.py").write_text(
+        "raise ImportError('r2vpo must not import huggingface_hub')\n"
+    )
+    before = sorted(models.rglob("*"))
+    result = prepare_model(models, "Qwen2.5-0.5B-Instruct", extra_path=str(poisoned))
+    assert result.returncode == 1, result.stdout + result.stderr
+    expected = models / "Qwen2.5-0.5B-Instruct"
+    assert f"Put the model directory at {expected}" in result.stderr
+    assert "never downloads models" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == "" and sorted(models.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", ["../etc", "org/../../x", "/abs/model", ".", "~/model"])
+def test_prepare_model_refuses_names_outside_the_models_directory(tmp_path, name):
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    result = prepare_model(tmp_path / "models", name)
+    assert result.returncode == 1 and "not a path" in result.stderr, result.stderr
+
+
+def test_prepare_model_reads_r2vpo_model_from_the_environment(tmp_path):
+    env = {"R2VPO_MODELS_DIR": str(tmp_path), "R2VPO_MODEL": "absent", "PATH": "/usr/bin:/bin"}
+    result = run([sys.executable, str(PREPARE)], env=env, timeout=60)
+    assert result.returncode == 1 and str(tmp_path / "absent") in result.stderr
+
+
+def test_image_refuses_hub_downloads():
+    """Models come from local directories only: the runtime image turns the Hugging Face hub off."""
+    env = " ".join(i for i in stages()["runtime"] if i.upper().startswith("ENV "))
+    assert re.search(r"\bHF_HUB_OFFLINE=1\b", env), env
+
+
+# Words that only appear where something fetches a model from a hub or passes a hub credential.
+DOWNLOAD_MARKERS = re.compile(
+    r"snapshot_download|hf_hub_download|huggingface_hub|from_pretrained\(\s*[\"'][\w.-]+/|HF_TOKEN|"
+    r"HUGGING_FACE_HUB_TOKEN|hf-token",
+    re.I,
+)
+
+
+def test_nothing_in_the_deployment_downloads_a_model():
+    skip = (DEPLOY / "models", "__pycache__")  # a user's models (git-ignored), bytecode
+    paths = [
+        p
+        for p in DEPLOY.rglob("*")
+        if p.is_file() and not p.is_relative_to(skip[0]) and skip[1] not in p.parts
+    ]
+    paths += [REPO / ".env.example", REPO / "compose.yaml", REPO / "docs" / "deploy.md"]
+    for path in paths:
+        text = path.read_text(errors="replace")
+        found = DOWNLOAD_MARKERS.search(text)
+        assert found is None, (
+            f"{path.relative_to(REPO)} mentions {found.group(0)!r}: r2vpo never downloads models"
+        )

@@ -323,6 +323,71 @@ def test_gpu_overlay_puts_vllm_inference_on_a_gpu_node(renders):
     assert container_env(docs, learner)["R2VPO_LEARNER_MODEL"] == env["R2VPO_INFERENCE_MODEL"]
 
 
+MODELS_CLAIM = "r2vpo-models"
+
+
+def test_gpu_overlay_reads_the_model_from_the_users_read_only_claim(renders):
+    """Inference and the learner (and their prepare-model checks) mount the r2vpo-models PVC read-only at
+    /models; the model is the directory R2VPO_MODEL names there, never a hub id to download."""
+    docs = renders["gpu"]
+    claim = objects(docs, "PersistentVolumeClaim")[MODELS_CLAIM]
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] not in ("Namespace",)}
+    assert namespaces == {"r2vpo"}, f"objects outside the namespace: {namespaces}"
+    config = next(iter(objects(docs, "ConfigMap").values()))["data"]
+    name = config["R2VPO_MODEL"]
+    assert name and not name.startswith(("/", ".")) and ".." not in name.split("/")
+    for workload in ("inference", "learner"):
+        pod = objects(docs, "Deployment")[workload]["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in containers({"spec": pod}):
+            if c["name"] not in (workload, "prepare-model"):
+                continue
+            mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == "/models"), None)
+            assert mount is not None, f"{workload}/{c['name']}: no /models"
+            assert mount.get("readOnly") is True and "subPath" not in mount, (
+                f"{workload}/{c['name']}: {mount}"
+            )
+            source = volumes[mount["name"]]
+            assert source.get("persistentVolumeClaim") == {"claimName": MODELS_CLAIM, "readOnly": True}, (
+                source
+            )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_or_container_carries_a_hub_token(renders, overlay):
+    docs = renders[overlay]
+    for secret in objects(docs, "Secret").values():
+        assert set(secret_data(secret)) == {"redis-password", "admin-token"}
+    for name, _, c in all_containers(docs):
+        names = {v["name"] for v in c.get("env", [])}
+        assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} & names, f"{name}/{c['name']}"
+
+
+def test_models_loader_pod_validates_and_fills_the_overlays_claim(renders):
+    """The optional helper pod (kubectl cp into the claim) is valid, allowed in the namespace's restricted
+    Pod Security level, writes as the r2vpo user, and is not part of the overlay itself."""
+    path = K8S / "overlays" / "gpu" / "models-loader.yaml"
+    result = run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", K8S_VERSION, str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    pod = yaml.safe_load(path.read_text())
+    assert pod["kind"] == "Pod" and pod["metadata"]["name"] not in {
+        d["metadata"]["name"] for d in renders["gpu"]
+    }
+    namespace = objects(renders["gpu"], "Namespace")
+    assert pod["metadata"]["namespace"] in namespace
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]]
+    assert claims == [MODELS_CLAIM]
+    (c,) = pod["spec"]["containers"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/models"}
+    assert not any(m.get("readOnly") for m in c["volumeMounts"])
+    sc, pod_sc = c["securityContext"], pod["spec"]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod_sc["runAsUser"] == pod_sc["fsGroup"] == 10001
+    assert re.fullmatch(r"[\w./-]+:\d+(\.\d+)*", c["image"]), f"pin the helper image: {c['image']}"
+
+
 def test_cpu_overlay_needs_no_gpu(renders):
     docs = renders["cpu"]
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
