@@ -176,6 +176,8 @@ class RewardScorer:
         try:
             result = await self.fn(*args) if self._is_async else await run_in_threadpool(self.fn, *args)
             return await result if inspect.isawaitable(result) else result
+        except ScoringError:
+            raise  # the function chose the status itself (e.g. 422: this request cannot be scored)
         except Exception as exc:
             log.exception("scoring function raised on request %s", request.id)
             raise ScoringError(

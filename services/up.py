@@ -2,31 +2,45 @@
 
 Starts a real redis-server (unless a URL is given), builds or reuses the embedded tiny policy, then launches
 reward, inference, learner and rollout worker(s) as `r2vpo serve …` child processes configured through JSON
-files in the run directory. It supervises them (a child that dies is restarted, as compose or Kubernetes
-would), shows progress, and stops everything when the learner reaches `steps` or on Ctrl-C.
+files in the run directory (mode 0600: they hold the Redis password and the admin token). It supervises them
+as compose or Kubernetes would: a child that dies is restarted after a backoff (0.5 s, doubling, at most
+`max_restarts` times per service), and each restart is recorded (`restarts`, `restart_events` with the time
+to ready in summary.json). It shows progress and stops everything when the learner reaches `steps`.
+
+SIGTERM or Ctrl-C: the children are stopped in order (rollout workers first, so that no new work starts;
+then the learner, which commits the step in flight; then the rest), each with SIGTERM and a bounded wait
+(`stop_timeout_s`, then SIGKILL of its process group); summary.json is written with `finished: false`,
+the accounting and each child's stop time, and the exit code is 128 + the signal number. On Linux the
+children also get SIGTERM if `r2vpo up` itself dies (PR_SET_PDEATHSIG), so none is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.redis_server import RedisServer, free_port
 from trainer.learner import LearnerConfig
 from trainer.task import TaskConfig
+
+log = logging.getLogger("r2vpo.up")
+SERVICE_KINDS = ("reward", "inference", "learner", "rollout", "dashboard")
 
 
 class UpConfig(BaseModel):
@@ -46,10 +60,36 @@ class UpConfig(BaseModel):
     max_lag: int = Field(4, ge=1, description="async admission bound in versions (sync mode uses 0)")
     eval_every: int = Field(25, ge=1)
     redis_url: str | None = Field(None, description="use this Redis instead of starting one")
+    reward_plugin: str = Field("builtin:reasoning_gym", description="builtin:<name> or module:function")
     dashboard: bool = True
     seed: int = 0
     timeout_s: float = Field(3600, gt=0)
     max_restarts: int = Field(3, ge=0, description="restarts per service before the run fails")
+    stop_timeout_s: float = Field(30, gt=0, le=600, description="wait for a child after SIGTERM, then kill")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="extra settings per service kind (reward, inference, learner, rollout, dashboard), "
+        "merged into its JSON config; each service refuses keys it does not know",
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_kinds(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(value) - set(SERVICE_KINDS))
+        if unknown:
+            raise ValueError(
+                f"overrides for unknown services {unknown}; services: {', '.join(SERVICE_KINDS)}"
+            )
+        return value
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """preexec_fn: on Linux, ask the kernel to SIGTERM this child when its parent dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -61,57 +101,129 @@ class Child:
     process: subprocess.Popen | None = None
     restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    next_start: float | None = None  # monotonic time of a scheduled restart
+    waiting_ready_since: float | None = None  # restarted, not ready yet
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
+        log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.args, stdout=log, stderr=subprocess.STDOUT, env=os.environ | self.env, start_new_session=True
+            self.args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=os.environ | self.env,
+            start_new_session=True,  # Ctrl-C in a terminal reaches `up` only; `up` stops the children
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded here, only calls prctl
         )
-        log.close()
+        log_file.close()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if not self.alive():
+    def terminate(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the exit; after `timeout` SIGKILL the whole process group (what the child started)."""
+        if self.process is None:
             return
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            log.warning("%s did not stop within %.0f s of SIGTERM: killed", self.name, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.terminate()
+        self.wait(timeout)
+
+    def ready(self, timeout: float = 2.0) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 class Supervisor:
-    """Starts children in order, waits for health, restarts the dead, stops everything in reverse."""
+    """Starts children, waits for health, restarts the dead with backoff, stops everything in stages."""
 
-    def __init__(self, max_restarts: int) -> None:
+    def __init__(self, max_restarts: int, *, backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
         self.children: list[Child] = []
         self.max_restarts = max_restarts
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.events: list[dict[str, Any]] = []  # one per restart: exit code, delay, time to ready
 
     def launch(self, child: Child, *, ready_timeout: float = 300.0) -> None:
         self.children.append(child)
         child.start()
         wait_healthy(child, ready_timeout)
 
+    def launch_all(self, children: list[Child], *, ready_timeout: float = 300.0) -> None:
+        """Start all at once (their imports overlap), then wait until each is ready."""
+        for child in children:
+            self.children.append(child)
+            child.start()
+        for child in children:
+            wait_healthy(child, ready_timeout)
+
     def check(self) -> list[str]:
-        """Restart children that died; returns the names restarted. Raises when one died too often."""
-        restarted = []
+        """Restart children that died (after a backoff); returns the names restarted now. Raises when one
+        died more than `max_restarts` times."""
+        restarted, now = [], time.monotonic()
         for child in self.children:
             if child.alive():
+                if child.waiting_ready_since is not None and child.ready(timeout=0.5):
+                    self.events[-1 - _last_event(self.events, child.name)]["ready_s"] = round(
+                        time.monotonic() - child.waiting_ready_since, 2
+                    )
+                    child.waiting_ready_since = None
                 continue
-            if child.restarts >= self.max_restarts:
-                raise RuntimeError(f"{child.name} died {child.restarts + 1} times; see {child.log_path}")
-            child.restarts += 1
-            child.start()
-            restarted.append(child.name)
+            if child.next_start is None:
+                if child.restarts >= self.max_restarts:
+                    raise RuntimeError(f"{child.name} died {child.restarts + 1} times; see {child.log_path}")
+                delay = min(self.backoff_s * 2**child.restarts, self.max_backoff_s)
+                code = child.process.returncode if child.process is not None else None
+                log.warning("%s exited with %s; restarting in %.1f s", child.name, code, delay)
+                self.events.append({"service": child.name, "exit_code": code, "backoff_s": delay,
+                                    "time": time.time(), "ready_s": None})  # fmt: skip
+                child.next_start = now + delay
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = None
+                child.waiting_ready_since = time.monotonic()
+                child.start()
+                restarted.append(child.name)
         return restarted
 
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+    def stop_all(self, timeout: float = 30.0) -> dict[str, float]:
+        """SIGTERM in stages (rollout workers, then the learner, then the rest), each stage in parallel
+        with a bounded wait; returns each child's seconds from SIGTERM to exit."""
+        stages = (
+            [c for c in self.children if c.name.startswith("rollout")],
+            [c for c in self.children if c.name == "learner"],
+            [c for c in self.children if not c.name.startswith("rollout") and c.name != "learner"],
+        )
+        took: dict[str, float] = {}
+        for stage in stages:
+            live = [c for c in stage if c.alive()]
+            started = time.monotonic()
+            for child in live:
+                child.terminate()
+            for child in live:
+                child.wait(max(0.1, timeout - (time.monotonic() - started)))
+                took[child.name] = round(time.monotonic() - started, 2)
+        return took
+
+
+def _last_event(events: list[dict[str, Any]], name: str) -> int:
+    """Offset from the end of the last event of `name`."""
+    for offset, event in enumerate(reversed(events)):
+        if event["service"] == name:
+            return offset
+    raise KeyError(name)
 
 
 def wait_healthy(child: Child, timeout: float) -> None:
@@ -119,13 +231,53 @@ def wait_healthy(child: Child, timeout: float) -> None:
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.name} exited during start-up; see {child.log_path}")
-        try:
-            if httpx.get(f"{child.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if child.ready():
+            return
         time.sleep(0.2)
     raise RuntimeError(f"{child.name} not ready after {timeout:.0f} s; see {child.log_path}")
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached `r2vpo up`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn the first SIGTERM / SIGINT into `Interrupted` (later ones are ignored so that the orderly stop
+    is not cut short). Only in the main thread, where Python can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _ignore_signals()
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _ignore_signals() -> None:
+    """From here on SIGTERM / SIGINT do nothing (the orderly stop is under way); main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (service configs hold the Redis password and admin token)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _serve(name: str, config_path: Path) -> list[str]:
@@ -138,8 +290,65 @@ def run_up(cfg: UpConfig, *, on_progress: Callable[[dict[str, Any]], None] | Non
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "services").mkdir(exist_ok=True)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-    redis = None if cfg.redis_url else RedisServer(run_dir / "redis", password=secrets.token_hex(8)).start()
-    redis_url = cfg.redis_url or redis.url  # type: ignore[union-attr]
+    supervisor = Supervisor(cfg.max_restarts)
+    interrupted: Interrupted | None = None
+    error: Exception | None = None
+    status: dict[str, Any] = {}
+    redis: RedisServer | None = None
+    redis_url = cfg.redis_url
+    accounting: dict[str, int] | None = None
+    stop_s: dict[str, float] = {}
+    with _signals_interrupt():
+        try:
+            if redis_url is None:
+                redis = RedisServer(run_dir / "redis", password=secrets.token_hex(8)).start()
+                redis_url = redis.url
+            children = _children(cfg, run_dir, redis_url)
+            supervisor.launch_all(children)
+            if on_progress:
+                on_progress({"event": "started", "urls": {c.name: c.url for c in supervisor.children}})
+            learner = next(c for c in children if c.name == "learner")
+            status = _follow(learner.url, supervisor, cfg, on_progress)
+        except Interrupted as exc:
+            interrupted = exc
+            log.warning("%s: stopping the services", exc)
+        except Exception as exc:  # noqa: BLE001 - summarised, then raised again
+            error = exc
+        finally:
+            _ignore_signals()  # a signal now must not cut the stop short (the handlers come back after)
+            stop_s = supervisor.stop_all(cfg.stop_timeout_s)
+            if redis_url is not None:
+                try:
+                    accounting = asyncio.run(_accounting(redis_url, cfg.run))
+                except Exception as exc:  # noqa: BLE001 - reported in the summary as null
+                    log.error("accounting not available: %s", exc)
+            if redis is not None:
+                redis.stop()
+    learner_summary_path = run_dir / "learner_summary.json"
+    learner_summary = json.loads(learner_summary_path.read_text()) if learner_summary_path.exists() else {}
+    summary = learner_summary | {
+        "mode": cfg.mode,
+        "rollout_workers": cfg.rollout_workers,
+        "wall_time_s": time.time() - started,
+        "finished": interrupted is None and error is None,
+        "interrupted": str(interrupted) if interrupted else None,
+        "error": f"{type(error).__name__}: {error}" if error else None,
+        "accounting": accounting,
+        "restarts": {c.name: c.restarts for c in supervisor.children if c.restarts},
+        "restart_events": supervisor.events,
+        "stop_s": stop_s,
+        "last_status": {k: status.get(k) for k in ("version", "step", "lam")},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if error is not None:
+        raise error
+    if interrupted is not None:
+        raise SystemExit(128 + interrupted.signum)
+    return summary
+
+
+def _children(cfg: UpConfig, run_dir: Path, redis_url: str) -> list[Child]:
+    """One `r2vpo serve` child per service, each with its JSON config written (0600) in the run dir."""
     if cfg.model is None:
         from trainer.tiny import ensure_default_policy
 
@@ -150,7 +359,12 @@ def run_up(cfg: UpConfig, *, on_progress: Callable[[dict[str, Any]], None] | Non
     ports = {name: free_port() for name in ("reward", "inference", "learner", "dashboard")}
     common = {"run": cfg.run, "redis_url": redis_url, "host": "127.0.0.1"}
     settings: dict[str, dict[str, Any]] = {
-        "reward": {"host": "127.0.0.1", "port": ports["reward"], "dataset": cfg.task.name},
+        "reward": {
+            "host": "127.0.0.1",
+            "port": ports["reward"],
+            "dataset": cfg.task.name,
+            "plugin": cfg.reward_plugin,
+        },
         "inference": common
         | {
             "port": ports["inference"],
@@ -195,39 +409,15 @@ def run_up(cfg: UpConfig, *, on_progress: Callable[[dict[str, Any]], None] | Non
             "run_dir": str(run_dir),
             "inference_urls": [f"http://127.0.0.1:{ports['inference']}"],
         }
-    supervisor = Supervisor(cfg.max_restarts)
-    try:
-        for name, values in settings.items():
-            path = run_dir / "services" / f"{name}.json"
-            path.write_text(json.dumps(values, indent=1))
-            kind = name.split("-")[0]
-            child = Child(
-                name,
-                _serve(kind, path),
-                f"http://127.0.0.1:{values['port']}",
-                run_dir / "logs" / f"{name}.log",
-            )
-            supervisor.launch(child)
-        if on_progress:
-            on_progress({"event": "started", "urls": {c.name: c.url for c in supervisor.children}})
-        learner_url = f"http://127.0.0.1:{ports['learner']}"
-        status = _follow(learner_url, supervisor, cfg, on_progress)
-    finally:
-        supervisor.stop_all()
-    accounting = asyncio.run(_accounting(redis_url, cfg.run))
-    if redis is not None:
-        redis.stop()
-    learner_summary = json.loads((run_dir / "learner_summary.json").read_text())
-    summary = learner_summary | {
-        "mode": cfg.mode,
-        "rollout_workers": cfg.rollout_workers,
-        "wall_time_s": time.time() - started,
-        "accounting": accounting,
-        "restarts": {c.name: c.restarts for c in supervisor.children if c.restarts},
-        "last_status": {k: status.get(k) for k in ("version", "step", "lam")},
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    children = []
+    for name, values in settings.items():
+        kind = name.split("-")[0]
+        values = values | cfg.overrides.get(kind, {})
+        path = run_dir / "services" / f"{name}.json"
+        _write_private(path, json.dumps(values, indent=1))
+        url = f"http://127.0.0.1:{values['port']}"
+        children.append(Child(name, _serve(kind, path), url, run_dir / "logs" / f"{name}.log"))
+    return children
 
 
 def _follow(

@@ -31,6 +31,7 @@ class InferenceSettings(ServiceSettings, env_prefix="R2VPO_INFERENCE_"):
     served_model_name: str | None = Field(None, description="model id in the API [default: directory name]")
     watch_weights: bool = Field(True, description="follow weight announcements on Redis")
     weights_poll_s: float = Field(1.0, gt=0, description="re-read the announcement hash at least this often")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get 413, unparsed")
     max_prompt_tokens: int = Field(512, ge=1)
     max_n: int = Field(64, ge=1)
     max_tokens_limit: int = Field(256, ge=1)

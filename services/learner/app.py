@@ -1,10 +1,20 @@
-"""Learner service HTTP surface: status, health, weights download, metrics. The work runs in the lifespan."""
+"""Learner service HTTP surface: status, health, weights download, metrics. The work runs in the lifespan.
+
+SIGTERM: uvicorn stops serving, the lifespan sets `stop`, the step in flight finishes and is committed
+(a batch still being collected stays pending in Redis), then the process exits. If the training loop fails
+(e.g. Redis gone for longer than `redis_retries` allow) the process stops itself, so that its supervisor
+(`r2vpo up`, compose, Kubernetes) restarts it from the last checkpoint instead of leaving a live process
+that trains nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -31,10 +41,15 @@ def create_app(settings: LearnerSettings) -> FastAPI:
             yield
         finally:
             stop.set()  # SIGTERM: finish the step in flight, commit, then exit
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(task, timeout=60)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                log.error("learner loop did not stop within 60 s; cancelled")
+            except Exception:  # noqa: BLE001 - already logged by _log_failure
+                pass
             if service.queue is not None:
-                await service.queue.redis.aclose()
+                with contextlib.suppress(Exception):
+                    await service.queue.redis.aclose()
 
     app = FastAPI(title="r2vpo learner", lifespan=lifespan)
     app.state.service = service
@@ -70,3 +85,6 @@ def create_app(settings: LearnerSettings) -> FastAPI:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("learner loop failed: %r", task.exception())
+        if threading.current_thread() is threading.main_thread():  # a served process, not an embedded app
+            log.error("stopping the process so that its supervisor restarts it")
+            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: graceful exit

@@ -5,6 +5,21 @@ checkpoint that contains the steps that used them, and weights are published onl
 learner killed between checkpoints restarts from the last one; the groups it had read since are still
 pending in Redis, are read again (its own pending list, or XAUTOCLAIM by another consumer) and trained once.
 Published versions are always checkpointed versions, so the version sequence has no gaps and no repeats.
+
+Crash windows, and what a restarted learner does about each (`_recover`):
+- killed before the checkpoint: the step is rolled back; its groups are still pending and are trained again.
+- killed after the checkpoint, before publish/ack: the checkpoint lists the groups it contains
+  (`unacked`); the restarted learner publishes the checkpointed version if it was not announced and
+  acknowledges those groups (skipping any already in the trained set), so they are not trained twice.
+- metrics of rolled-back steps: `metrics.jsonl` is cut back to the rows the checkpoint covers (rewritten
+  atomically; the row of the checkpointed step itself is restored from the checkpoint if it was never
+  written) and the Redis metrics stream loses the entries written after it, so both list each version once.
+
+Every Redis call is retried with exponential backoff (a Redis restart is ridden out); an acknowledgement is
+retried idempotently (group ids already in the trained set are not acknowledged again). If Redis stays away
+longer than `redis_retries` allow, the loop fails and the process exits for its supervisor to restart it.
+On stop (SIGTERM) the step in flight finishes and is committed; a batch still being collected is not
+trained and stays pending in Redis for the next learner.
 """
 
 from __future__ import annotations
@@ -12,16 +27,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import signal
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from client.schemas import TrajectoryGroup
 from services.learner.metrics import LearnerMetrics
-from services.queue import Delivery, TrajectoryQueue, connect_redis
+from services.queue import TRANSIENT, Delivery, QueueUnavailable, TrajectoryQueue, connect_redis, with_retry
 from services.settings import ServiceSettings
 from services.weights import WeightStore
 from trainer.checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
@@ -30,6 +49,17 @@ from trainer.policy import Policy, greedy_accuracy
 from trainer.task import Task, TaskConfig
 
 log = logging.getLogger("r2vpo.learner")
+T = TypeVar("T")
+FAILPOINTS_ENV = "R2VPO_FAILPOINTS"
+STALE_REASON = "stale beyond max_lag"
+
+
+def failpoint(name: str, version: int) -> None:
+    """Fault injection: with `R2VPO_FAILPOINTS="learner.after_checkpoint@5"` the process SIGKILLs itself when
+    it passes that point at that version: a real crash at a precise place, for the fault tests."""
+    if f"{name}@{version}" in os.environ.get(FAILPOINTS_ENV, "").split(","):
+        log.warning("failpoint %s@%d: killing this process", name, version)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LearnerSettings(ServiceSettings, env_prefix="R2VPO_LEARNER_"):
@@ -49,7 +79,18 @@ class LearnerSettings(ServiceSettings, env_prefix="R2VPO_LEARNER_"):
     reclaim_idle_ms: int = Field(30_000, ge=100, description="take over pending groups idle this long")
     consumer: str = "learner-0"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch default")
+    redis_retries: int = Field(
+        30, ge=1, description="attempts per Redis operation (backoff 0.2 s doubling to 2 s) before giving up"
+    )
     seed: int = 0
+
+    @field_validator("learner")
+    @classmethod
+    def _known_algo(cls, value: LearnerConfig) -> LearnerConfig:
+        from trainer.losses import get_loss
+
+        get_loss(value.algo)  # ValueError naming the choices
+        return value
 
 
 class LearnerService:
@@ -75,18 +116,26 @@ class LearnerService:
             "groups_dropped": 0,
             "staleness_histogram": {},
         }
+        self.accuracy: float | None = None
+        self.resumed: dict[str, Any] | None = None  # the checkpoint's state, until `_recover` used it
         if checkpoint:
             state = load_trainer_state(checkpoint, self.learner.optimizer, self.rng)
             self.learner.load_state(state)
             self.counters |= state.get("counters", {})
+            self.accuracy = state.get("accuracy")
+            self.resumed = state
             log.info("resumed from %s at version %d", checkpoint.name, self.learner.version)
         self.queue: TrajectoryQueue | None = None
         self.uncommitted: list[Delivery] = []
         self.uncommitted_dropped: list[Delivery] = []
         self.last_metrics: dict[str, Any] = {}
-        self.accuracy: float | None = None
+        self.rows = 0  # rows in metrics.jsonl (set by `_recover_rows`)
+        self.last_stream_id = "0-0"  # id of the last entry this learner appended to the metrics stream
+        self.own_pending = True  # first, take back what this consumer held before a crash
+        self.backlog: list[Delivery] = []  # groups taken back, not yet trained
         self.started = time.time()
         self.finished = False
+        self.stopped = False
         self.metrics = LearnerMetrics()
 
     @property
@@ -100,52 +149,135 @@ class LearnerService:
             **self.counters,
         }
 
+    async def _redis(self, op: Callable[[], Awaitable[T]]) -> T:
+        """`await op()` retried with backoff on connection errors (rides out a Redis restart)."""
+        return await with_retry(
+            op, attempts=self.settings.redis_retries, backoff=0.2, max_backoff=2.0, log=log
+        )
+
     async def start(self) -> None:
         s = self.settings
-        self.queue = TrajectoryQueue(
-            await connect_redis(s.redis_url.get_secret_value()), s.run, consumer=s.consumer
-        )
-        await self.queue.ensure_group()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        latest = await self.queue.latest_weights()
+        self.queue = TrajectoryQueue(
+            await connect_redis(s.redis_url.get_secret_value(), log=log), s.run, consumer=s.consumer
+        )
+        queue = self.queue
+        await self._redis(queue.ensure_group)
+        await self._recover()
+        latest = await self._redis(queue.latest_weights)
         if latest is None or latest.version < self.learner.version:
             await self._publish()
         if self.accuracy is None:
             self.accuracy = await asyncio.to_thread(self._evaluate)
             self.counters.setdefault("initial_accuracy", self.accuracy)
-        await self.queue.set_state(
-            {
-                "version": self.learner.version,
-                "lam": self.learner.dual.lam,
-                "groups_per_step": s.groups_per_step,
-                "algo": s.learner.algo,
-            }
-        )
+        state = {"version": self.learner.version, "lam": self.learner.dual.lam,
+                 "groups_per_step": s.groups_per_step, "algo": s.learner.algo}  # fmt: skip
+        await self._redis(lambda: queue.set_state(state))
+
+    async def _recover(self) -> None:
+        """Make Redis and the metrics agree with the checkpoint this learner starts from (module doc)."""
+        state, self.resumed = self.resumed or {}, None
+        if "metrics_rows" not in state and state:
+            return  # a checkpoint written before rows were tracked: leave everything as it is
+        self._recover_rows(state)
+        unacked = state.get("unacked", {})
+        await self._settle(unacked.get("trained", []), unacked.get("dropped", []))
+        await self._recover_stream(state)
+
+    def _recover_rows(self, state: dict[str, Any]) -> None:
+        """Cut metrics.jsonl back to the rows the checkpoint covers (none without a checkpoint)."""
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        keep_n, row = int(state.get("metrics_rows", 0)), state.get("metrics_row")
+        kept = [line for line in lines[:keep_n] if line.endswith("\n")]
+        if row is not None:
+            after = lines[keep_n] if len(lines) > keep_n else ""
+            written = after.endswith("\n") and _same_step(_parse(after), row)
+            kept.append(after if written else json.dumps(row) + "\n")
+        if kept != lines:
+            log.warning("metrics.jsonl: rows of rolled-back steps removed (%d -> %d)", len(lines), len(kept))
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)  # atomic: a reader sees the old file or the new one (a new epoch)
+        self.rows = len(kept)
+
+    async def _recover_stream(self, state: dict[str, Any]) -> None:
+        """Delete metrics-stream entries of rolled-back steps; restore the checkpointed step's entry."""
+        assert self.queue is not None
+        queue, after, row = self.queue, state.get("metrics_stream_id", "0-0"), state.get("metrics_row")
+        entries = await self._redis(lambda: queue.read_metrics(after, count=100_000))
+        keep = entries[:1] if entries and row is not None and _same_step(entries[0][1], row) else []
+        doomed = [entry_id for entry_id, _ in entries[len(keep) :]]
+        if doomed:
+            log.warning("metrics stream: %d entries of rolled-back steps removed", len(doomed))
+            await self._redis(lambda: queue.redis.xdel(queue.keys.metrics, *doomed))
+        if keep:
+            self.last_stream_id = keep[0][0]
+        elif row is not None:
+            self.last_stream_id = await self._redis(lambda: queue.append_metrics(row))
+        else:
+            self.last_stream_id = after
+
+    async def _settle(self, trained: Sequence[Sequence[str]], dropped: Sequence[Sequence[str]]) -> None:
+        """Acknowledge (entry id, group id) pairs as trained / dropped, idempotently: each attempt first
+        leaves out the groups already in the trained / dropped set, so a retry after a lost reply (or a
+        restart after a crash between checkpoint and ack) never counts a group twice."""
+        assert self.queue is not None
+        queue = self.queue
+
+        async def missing(key: str, pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
+            if not pairs:
+                return []
+            async with queue.redis.pipeline(transaction=False) as pipe:
+                for _, group_id in pairs:
+                    pipe.sismember(key, group_id)
+                present = await pipe.execute()
+            return [(e, g) for (e, g), p in zip(pairs, present, strict=True) if not p]
+
+        async def once() -> None:
+            todo = await missing(queue.keys.trained, trained)
+            if todo:
+                await queue.ack([e for e, _ in todo], [g for _, g in todo])
+            todo = await missing(queue.keys.dropped, dropped)
+            if todo:
+                stubs = [Delivery(e, TrajectoryGroup.model_construct(group_id=g), 1) for e, g in todo]
+                await queue.drop(stubs, reason=STALE_REASON)
+
+        await self._redis(once)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        own_pending = True  # first, re-read what this consumer held before a crash
         while not stop.is_set() and (s.max_steps is None or self.learner.step < s.max_steps):
-            deliveries = await self._collect(stop, own_pending)
-            own_pending = False
+            deliveries = await self._collect(stop)
             if not deliveries:
                 continue
+            if stop.is_set() and len(deliveries) < s.groups_per_step:
+                break  # a partial batch is not trained: it stays pending in Redis for the next learner
             await self.train_step(deliveries)
         await self.commit()
-        self.accuracy = await asyncio.to_thread(self._evaluate)
+        self.stopped = stop.is_set()
+        if not self.stopped:  # a stop (SIGTERM) exits promptly and keeps the last evaluation
+            self.accuracy = await asyncio.to_thread(self._evaluate)
         (self.run_dir / "learner_summary.json").write_text(json.dumps(self.summary(), indent=1))
-        self.finished = True
+        self.finished = not self.stopped
 
-    async def _collect(self, stop: asyncio.Event, own_pending: bool) -> list[Delivery]:
+    async def _collect(self, stop: asyncio.Event) -> list[Delivery]:
         assert self.queue is not None
-        s = self.settings
-        batch: list[Delivery] = []
-        # After a restart the groups this learner held (read, never acknowledged) are taken back at once;
-        # later only those idle longer than reclaim_idle_ms (a dead consumer's) are.
-        idle_ms = 0 if own_pending else s.reclaim_idle_ms
-        batch += await self.queue.reclaim(idle_ms, count=s.groups_per_step)
+        queue, s = self.queue, self.settings
+        if self.own_pending:
+            # After a restart, every group this consumer held (read, never acknowledged) is taken back at
+            # once; later only those idle longer than reclaim_idle_ms (a dead consumer's) are.
+            self.own_pending = False
+            while got := await self._redis(lambda: queue.reclaim(0, count=256)):
+                self.backlog += got
+        batch, self.backlog = self.backlog[: s.groups_per_step], self.backlog[s.groups_per_step :]
+        if len(batch) < s.groups_per_step:
+            batch += await self._redis(
+                lambda: queue.reclaim(s.reclaim_idle_ms, count=s.groups_per_step - len(batch))
+            )
         while len(batch) < s.groups_per_step and not stop.is_set():
-            batch += await self.queue.read(s.groups_per_step - len(batch), block_ms=s.read_block_ms)
+            need = s.groups_per_step - len(batch)
+            batch += await self._redis(lambda n=need: queue.read(n, block_ms=s.read_block_ms))
         return batch
 
     async def train_step(self, deliveries: list[Delivery]) -> dict[str, Any]:
@@ -169,26 +301,44 @@ class LearnerService:
         if self.learner.step % self.settings.eval_every == 0:
             self.accuracy = record["accuracy"] = await asyncio.to_thread(self._evaluate)
         if self.learner.step % self.settings.commit_every == 0:
-            record |= await self.commit()
+            record |= await self.commit(row=dict(record))
         self.last_metrics = record
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.rows += 1
         assert self.queue is not None
-        await self.queue.append_metrics(record)
+        queue = self.queue
+        self.last_stream_id = await self._redis(lambda: queue.append_metrics(record))
         hist = {int(k): v for k, v in result.metrics.get("staleness_histogram", {}).items()}
         self.metrics.observe_step(
             record, hist, max(1.0, result.metrics.get("samples", 1) / max(1, len(groups)))
         )
-        self.metrics.observe_queue(await self.queue.accounting(), await self.queue.length())
+        try:  # gauges only: not worth waiting for Redis
+            self.metrics.observe_queue(await queue.accounting(), await queue.length())
+        except (*TRANSIENT, QueueUnavailable) as exc:
+            log.warning("queue gauges not updated: %s", exc)
         return record
 
-    async def commit(self) -> dict[str, float]:
-        """Checkpoint, publish the new version, then acknowledge the groups that went into it."""
+    async def commit(self, row: dict[str, Any] | None = None) -> dict[str, float]:
+        """Checkpoint, publish the new version, then acknowledge the groups that went into it.
+
+        `row` is the metrics row of the step being committed (written after this returns); the checkpoint
+        keeps it, the row count and the metrics-stream position so a restart can cut rolled-back rows."""
         assert self.queue is not None
+        queue = self.queue
         if not self.uncommitted and not self.uncommitted_dropped:
             return {}
         started = time.perf_counter()
-        state = self.learner.state() | {"counters": self.counters}
+        trained = [[d.entry_id, d.group.group_id] for d in self.uncommitted]
+        dropped = [[d.entry_id, d.group.group_id] for d in self.uncommitted_dropped]
+        state = self.learner.state() | {
+            "counters": self.counters,
+            "accuracy": self.accuracy,
+            "unacked": {"trained": trained, "dropped": dropped},
+            "metrics_rows": self.rows,
+            "metrics_row": row,
+            "metrics_stream_id": self.last_stream_id,
+        }
         await asyncio.to_thread(
             save_checkpoint,
             self.ckpt_root,
@@ -198,22 +348,22 @@ class LearnerService:
             rng=self.rng,
         )
         await asyncio.to_thread(prune_checkpoints, self.ckpt_root, 2)
+        failpoint("learner.after_checkpoint", self.learner.version)
         publish_s = await self._publish()
-        await self.queue.ack(self.uncommitted, [d.group.group_id for d in self.uncommitted])
-        if self.uncommitted_dropped:
-            await self.queue.drop(self.uncommitted_dropped, reason="stale beyond max_lag")
+        failpoint("learner.after_publish", self.learner.version)
+        await self._settle(trained, dropped)
         self.uncommitted, self.uncommitted_dropped = [], []
-        await self.queue.set_state(
-            {"version": self.learner.version, "lam": self.learner.dual.lam, "step": self.learner.step}
-        )
+        state = {"version": self.learner.version, "lam": self.learner.dual.lam, "step": self.learner.step}
+        await self._redis(lambda: queue.set_state(state))
         return {"commit_s": time.perf_counter() - started, "publish_s": publish_s}
 
     async def _publish(self) -> float:
         assert self.queue is not None
+        queue = self.queue
         started = time.perf_counter()
         state_dict = {k: v.detach().cpu() for k, v in self.policy.model.state_dict().items()}
         announcement = await asyncio.to_thread(self.store.publish, self.learner.version, state_dict)
-        await self.queue.announce(announcement)
+        await self._redis(lambda: queue.announce(announcement))
         await asyncio.to_thread(self.store.prune, 4)
         return time.perf_counter() - started
 
@@ -238,7 +388,21 @@ class LearnerService:
             "staleness_histogram": {int(k): v for k, v in self.counters["staleness_histogram"].items()},
             "groups_trained": self.counters["groups_trained"],
             "groups_dropped": self.counters["groups_dropped"],
+            "stopped_early": self.stopped,
         }
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _same_step(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    """The same learner step (a row of metrics.jsonl or the metrics stream vs the checkpointed row)."""
+    return a is not None and (a.get("step"), a.get("version")) == (b.get("step"), b.get("version"))
 
 
 def _initial_model(settings: LearnerSettings) -> Path:

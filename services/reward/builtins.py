@@ -18,15 +18,22 @@ from typing import Any
 
 import reasoning_gym
 
-from client.plugin import Score, ScoreFn, as_score
+from client.plugin import Score, ScoreFn, ScoringError, as_score
 from services.reward.mathcheck import MathChecker
 
 BUILTINS = ("reasoning_gym", "exact_match", "math_verify")
 
 
+class BadMetadata(ScoringError, ValueError):
+    """The request lacks what the scorer needs: the caller's mistake, answered with 422 (not 500)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, "bad_request", message)
+
+
 def _field(metadata: dict[str, Any], key: str, what: str) -> Any:
     if key not in metadata:
-        raise ValueError(f"metadata[{key!r}] is missing: the rollout side must send {what}")
+        raise BadMetadata(f"metadata[{key!r}] is missing: the rollout side must send {what}")
     return metadata[key]
 
 
@@ -37,8 +44,10 @@ def reasoning_gym_scorer(dataset: str, *, partial_credit: bool = False, **params
 
     def score(prompt: str, completion: str, metadata: dict[str, Any]) -> Score:
         entry = _field(metadata, "entry", "the reasoning-gym entry dict")
-        if not isinstance(entry, dict) or "answer" not in entry:
-            raise ValueError("metadata['entry'] must be a reasoning-gym entry dict with an 'answer'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("answer"), str):
+            raise BadMetadata("metadata['entry'] must be a reasoning-gym entry dict with a string 'answer'")
+        if not isinstance(entry.get("metadata", {}), dict):
+            raise BadMetadata("metadata['entry']['metadata'] must be a dict")
         raw = float(scorer.score_answer(answer=completion.strip(), entry=entry))
         reward = raw if partial_credit else (1.0 if raw == 1.0 else 0.0)
         return Score(

@@ -28,10 +28,11 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         try:
             yield
         finally:
-            stop.set()  # SIGTERM: a group is pushed whole or not at all, so stopping here loses nothing
+            stop.set()  # SIGTERM: the batch in flight finishes (bounded); groups go whole or not at all
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(task, timeout=30)
-            await worker.close()
+            with contextlib.suppress(Exception):
+                await worker.close()
 
     app = FastAPI(title="r2vpo rollout", lifespan=lifespan)
     app.state.worker = worker
@@ -71,5 +72,8 @@ class _StatsCollector:
             ("r2vpo_rollout_groups_dead_lettered", "groups_dead_lettered", "Groups sent to dead letter"),
             ("r2vpo_rollout_paused_seconds", "paused_s", "Time paused by admission control"),
             ("r2vpo_rollout_batches", "batches", "Inference batches completed"),
+            ("r2vpo_rollout_batch_errors", "batch_errors", "Failed batches (retried with backoff)"),
+            ("r2vpo_rollout_reward_circuit_opened", "reward_circuit_opened", "Reward circuit openings"),
+            ("r2vpo_rollout_reward_circuit_closed", "reward_circuit_closed", "Reward circuit closings"),
         ):
             yield CounterMetricFamily(name, doc, value=stats[key])

@@ -333,7 +333,7 @@ def test_builtin_service_scores_reasoning_gym_entry(app_server):
         assert [r.reward for r in client.score_batch([good, bad])] == [1.0, 0.0]
         with pytest.raises(RewardError) as err:  # no entry: an error, not a 0
             client.score(good.model_copy(update={"metadata": {}}))
-        assert err.value.status_code == 500 and "metadata['entry']" in err.value.message
+        assert err.value.status_code == 422 and "metadata['entry']" in err.value.message
         assert "r2vpo_reward_calls_total" in httpx.get(url + "/metrics").text
 
 
