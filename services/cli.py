@@ -46,8 +46,10 @@ def train(
     group_size: int = typer.Option(8, help="G, completions per prompt"),
     prompts_per_batch: int = typer.Option(16, help="prompts per batch"),
     eval_every: int = typer.Option(50, help="evaluate held-out accuracy every N batches"),
-    var_budget: float = typer.Option(0.04, help="R²VPO δ: budget on the ratio variance"),
-    dual_lr: float = typer.Option(0.1, help="R²VPO η_λ: dual ascent step size"),
+    var_budget: float | None = typer.Option(
+        None, help="R²VPO δ: budget on the ratio variance [default: 0.04]"
+    ),
+    dual_lr: float | None = typer.Option(None, help="R²VPO η_λ: dual ascent step size [default: 0.1]"),
     checkpoint_every: int = typer.Option(0, help="checkpoint every N batches (0: at the end only)"),
     resume: bool = typer.Option(False, help="continue the run in --run-dir from its last checkpoint"),
     config: Path | None = typer.Option(None, help="JSON file of a full SyncTrainConfig (flags override)"),
@@ -73,7 +75,9 @@ def train(
         "checkpoint_every": checkpoint_every,
     }
     learner = base.get("learner", {}) | {"algo": algo, "lr": lr, "updates_per_batch": updates_per_batch}
-    learner["dual"] = learner.get("dual", {}) | {"budget": var_budget, "lr": dual_lr}
+    dual_flags = {"budget": var_budget, "lr": dual_lr}
+    if any(v is not None for v in dual_flags.values()):
+        learner["dual"] = learner.get("dual", {}) | {k: v for k, v in dual_flags.items() if v is not None}
     task_cfg = base.get("task", {}) | {"name": task}
     if task != "chain_sum" and "params" not in base.get("task", {}):
         task_cfg["params"] = {}

@@ -2,7 +2,14 @@
 
 It turns trajectory groups into tensors, asks the policy for the current log-probs, looks the objective up in
 the loss registry by name and hands every objective the same inputs. R²VPO's dual variable λ is the only
-algorithm state it keeps, and it is updated once per optimizer step from the detached ratio variance.
+algorithm state it keeps, and it is updated once per optimizer step (or once per batch) from the detached
+ratio variance. Per-algorithm defaults of ``loss_options``, ``dual`` and ``grad_clip_penalty`` live in one
+small table (``ALGO_DEFAULTS``), filled in when a ``LearnerConfig`` is validated (so config.json holds the
+resolved values); anything the input sets explicitly wins over them.
+
+When the loss returns its two parts (R²VPO: surrogate and λ·penalty) and λ > 0, the learner backpropagates
+them separately to log the pre-clip gradient norm of each (``grad_norm_surrogate``, ``grad_norm_penalty``);
+with ``grad_clip_penalty`` set it also clips each part to its own norm (surrogate to ``grad_clip``) and sums.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from client.schemas import TrajectoryGroup
 from trainer.advantages import group_advantages
@@ -32,6 +39,19 @@ from trainer.staleness import (
 
 DUAL_ALGOS = {"r2vpo"}
 
+# Per-algorithm defaults (docs/r2vpo.md has the evidence); explicit config values override them.
+# R²VPO: (1) penalise the variance of the log-ratio: its gradient grows like log r, not r², and ≈ Var(r) near
+# r = 1, so δ = ε² keeps its meaning; (2) clip the penalty's gradient to its own norm (0.5) apart from the
+# surrogate's (grad_clip), so λ·V can never take more than a third of the step when λ integrates an
+# infeasible budget under stale data (the measured failure: penalty ≈ 80% of the clipped update at lag 8).
+ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "r2vpo": {
+        "loss_options": {"penalty": "log_ratio"},
+        "dual": {"mode": "additive", "lr": 0.1, "budget": 0.04, "update_every": "step"},
+        "grad_clip_penalty": 0.5,
+    },
+}
+
 
 class DualConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,7 +60,14 @@ class DualConfig(BaseModel):
     lr: float = Field(0.1, ge=0, description="η_λ, the dual step size")
     lam_max: float = Field(10.0, ge=0)
     lam_init: float = Field(0.0, ge=0)
-    mode: Literal["additive", "multiplicative"] = "additive"
+    mode: Literal["additive", "multiplicative", "pid"] = "additive"
+    lam_floor: float = Field(1e-3, gt=0, description="multiplicative: the floor λ starts from")
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA factor of V̂ before the dual step (0 = raw V̂)")
+    kp: float = Field(0.0, ge=0, description="pid: proportional gain on V̂ − δ")
+    kd: float = Field(0.0, ge=0, description="pid: derivative gain (rises of V̂ − δ only)")
+    update_every: Literal["step", "batch"] = Field(
+        "step", description="dual step after every optimizer step, or once per batch from the batch's mean V̂"
+    )
 
 
 class LearnerConfig(BaseModel):
@@ -51,6 +78,11 @@ class LearnerConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    grad_clip_penalty: float | None = Field(
+        None,
+        gt=0,
+        description="clip the penalty's gradient to this norm and the surrogate's to grad_clip apart",
+    )
     updates_per_batch: int = Field(1, ge=1, description="optimizer steps on each batch (data reuse)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
     advantage: Literal["grpo", "drgrpo"] = "grpo"
@@ -59,6 +91,25 @@ class LearnerConfig(BaseModel):
     loss_options: dict[str, Any] = Field(default_factory=dict, description="extra keywords of the loss")
     staleness: StalenessConfig = Field(default_factory=StalenessConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algo_defaults(cls, data: Any) -> Any:
+        """Fill in ``ALGO_DEFAULTS`` where the input sets nothing, so a dumped config is the resolved one."""
+        if not isinstance(data, dict):
+            return data
+        defaults = ALGO_DEFAULTS.get(data.get("algo", "r2vpo"))
+        if not defaults:
+            return data
+        data = dict(data)
+        data["loss_options"] = {**defaults.get("loss_options", {}), **(data.get("loss_options") or {})}
+        dual = data.get("dual") or {}
+        if isinstance(dual, DualConfig):
+            dual = dual.model_dump(exclude_unset=True)
+        data["dual"] = {**defaults.get("dual", {}), **dual}
+        if "grad_clip_penalty" in defaults:
+            data.setdefault("grad_clip_penalty", defaults["grad_clip_penalty"])
+        return data
 
 
 @dataclass
@@ -126,7 +177,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             policy.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
-        self.dual = DualAscent(**config.dual.model_dump())
+        self.dual = DualAscent(**config.dual.model_dump(exclude={"update_every"}))
         self.replay = ReplayBuffer(config.replay)
         self.max_lag = effective_max_lag(config.algo, config.staleness)
         self.rng = random.Random(seed)
@@ -191,12 +242,17 @@ class Learner:
         weights = lag_weights(batch.lags, cfg.staleness.lag_decay)
         adv = (batch.advantages * weights)[:, None].expand_as(batch.behavior_logp)
         uses_dual = cfg.algo in DUAL_ALGOS
+        per_batch_dual = uses_dual and cfg.dual.update_every == "batch"
+        variances: list[torch.Tensor] = []
         metrics: dict[str, Any] = {}
+        proximal: torch.Tensor | None = None
         for update in range(cfg.updates_per_batch):
             lam = self.dual.lam if uses_dual else 0.0
             out = self.policy.token_logprobs(
                 batch.prompt_ids, batch.completion_ids, temperature=cfg.temperature, with_entropy=True
             )
+            if proximal is None:
+                proximal = out.logp.detach()  # the batch-start weights: the proximal policy
             result = self.loss_fn(
                 out.logp,
                 batch.behavior_logp,
@@ -205,23 +261,59 @@ class Learner:
                 lam=lam,
                 group_ids=batch.group_index,
                 var_budget=cfg.dual.budget if uses_dual else None,
+                proximal_logp=proximal,
                 **cfg.loss_options,
             )
             self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), cfg.grad_clip))
-            if not math.isfinite(grad_norm):
+            grad_metrics = self._backward(result, lam)
+            if not math.isfinite(grad_metrics["grad_norm"]):
                 raise FloatingPointError(f"non-finite gradient norm at step {self.step}; update skipped")
             self.optimizer.step()
-            if uses_dual:
-                self.dual.update(result.ratio_var)
+            if uses_dual and result.ratio_var is not None:
+                if per_batch_dual:
+                    variances.append(result.ratio_var)
+                else:
+                    self.dual.update(result.ratio_var)
             self.version += 1
             self.step += 1
             if update == 0:
                 metrics |= self._first_update_metrics(out, batch, weights)
             metrics |= result.metrics
-            metrics |= {"grad_norm": grad_norm, "lam_next": self.dual.lam if uses_dual else 0.0}
+            metrics |= grad_metrics
+        if per_batch_dual and variances:
+            self.dual.update(torch.stack(variances).mean())
+        metrics["lam_next"] = self.dual.lam if uses_dual else 0.0
+        if uses_dual and self.dual.smoothed_var is not None:
+            metrics["dual_var"] = self.dual.smoothed_var
         return metrics
+
+    def _backward(self, result: Any, lam: float) -> dict[str, float]:
+        """Gradients into ``.grad`` with clipping; returns the pre-clip norms (total and per part)."""
+        cfg = self.config
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        parts = result.parts
+        if parts is None or lam == 0.0:  # no penalty gradient: one backward pass
+            result.loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            return {"grad_norm": norm, "grad_norm_surrogate": norm, "grad_norm_penalty": 0.0}
+        g_sur = torch.autograd.grad(parts["surrogate"], params, retain_graph=True, allow_unused=True)
+        g_pen = torch.autograd.grad(parts["penalty"], params, allow_unused=True)
+        g_sur = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_sur, strict=True)]
+        g_pen = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_pen, strict=True)]
+        n_sur = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_sur])))
+        n_pen = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_pen])))
+        total = [a + b for a, b in zip(g_sur, g_pen, strict=True)]
+        n_tot = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in total])))
+        if cfg.grad_clip_penalty is None:  # one joint clip, as with a single backward pass
+            scale = min(1.0, cfg.grad_clip / (n_tot + 1e-6))
+            grads = [g * scale for g in total]
+        else:
+            s_sur = min(1.0, cfg.grad_clip / (n_sur + 1e-6))
+            s_pen = min(1.0, cfg.grad_clip_penalty / (n_pen + 1e-6))
+            grads = [a * s_sur + b * s_pen for a, b in zip(g_sur, g_pen, strict=True)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return {"grad_norm": n_tot, "grad_norm_surrogate": n_sur, "grad_norm_penalty": n_pen}
 
     @staticmethod
     def _first_update_metrics(out: Any, batch: Batch, weights: torch.Tensor) -> dict[str, Any]:

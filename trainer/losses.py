@@ -9,14 +9,20 @@ Per valid response token j of the batch (N tokens), DESIGN §5:
     −∂loss/∂logp_j = (1/N) · ratio_j · (adv_j − 2·lam·(ratio_j − r̄))   (the ascent direction)
 
 The §5 options: variance per token (default), per group (r̄ per group) or per sequence (GSPO-style
-sequence ratio s_i = exp(mean_t log-ratio)). Baselines with the same contract: PPO-clip / GRPO, DAPO
+sequence ratio s_i = exp(mean_t log-ratio)). The robustness study (docs/r2vpo.md) adds: the penalised quantity
+(``penalty`` "ratio" r, "log_ratio" log r, "truncated" min(r, c)), an explicit per-sample weight derived
+from the budget (``sample_weight="chi2"``: w_i = min(1, δ / mean_t (r_it − 1)²), detached, on the surrogate)
+and the split of the loss into its surrogate and penalty parts (``LossOutput.parts``) so the learner can
+clip their gradients separately. Baselines with the same contract: PPO-clip / GRPO, DAPO
 clip-higher, GSPO, CISPO (stop-gradient clipped IS weight) and unclipped IS.
 
 Shared input contract: ``logp`` [B, T] float (requires grad), ``behavior_logp`` [B, T] (no grad),
 ``advantages`` [B, T] or [B] (broadcast over T), ``mask`` [B, T] bool. Masked positions may hold anything
 (NaN, inf): they are replaced with ``torch.where`` before any ``exp``, so they never reach the loss or
 the gradient. Every entry of ``LOSSES`` takes
-``fn(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **options)``.
+``fn(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **options)``;
+the learner also passes ``proximal_logp`` (its log-probs at the first update of the batch, detached), which
+only R²VPO's ``trust_region="proximal"`` reads and every other entry ignores.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ LOG_RATIO_CLAMP = 20.0
 WOULD_CLIP_EPS = 0.2  # the PPO ε against which `would_clip_frac` is measured
 VAR_LEVELS = ("token", "sequence", "group")
 CENTERS = ("mean", "one")
+PENALTIES = ("ratio", "log_ratio", "truncated")
+SAMPLE_WEIGHTS = ("none", "chi2")
+TRUST_REGIONS = ("behavior", "proximal")
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class LossOutput:
     loss: Tensor  # scalar, differentiable
     metrics: dict[str, float]
     ratio_var: Tensor | None = None  # detached scalar V, read by the dual update
+    # loss == parts["surrogate"] + parts["penalty"] (R²VPO only): the learner may clip their gradients apart
+    parts: dict[str, Tensor] | None = None
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -103,6 +114,7 @@ def _ratio_stats(ratio: Tensor, unit_mask: Tensor, log_ratio: Tensor, mask: Tens
         "ratio_max": r.max(),
         "ratio_min": r.min(),
         "ratio_p99": torch.quantile(r, 0.99),
+        "ratio_p999": torch.quantile(r, 0.999),
         "ess": r.sum() ** 2 / (r.numel() * (r**2).sum()),
         "would_clip_frac": ((r - 1).abs() > WOULD_CLIP_EPS).to(dtype).mean(),
         "kl_k1": (-log_r).mean(),
@@ -110,16 +122,46 @@ def _ratio_stats(ratio: Tensor, unit_mask: Tensor, log_ratio: Tensor, mask: Tens
     }
 
 
-def _output(loss: Tensor, metrics: dict[str, Tensor | float], ratio_var: Tensor) -> LossOutput:
+def _output(
+    loss: Tensor,
+    metrics: dict[str, Tensor | float],
+    ratio_var: Tensor,
+    parts: dict[str, Tensor] | None = None,
+) -> LossOutput:
     names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
     stacked = torch.stack([metrics[k].detach().double() for k in names]).tolist()  # one device sync
     values = dict(zip(names, stacked, strict=True))
-    return LossOutput(loss, {k: float(values.get(k, v)) for k, v in metrics.items()}, ratio_var.detach())
+    floats = {k: float(values.get(k, v)) for k, v in metrics.items()}
+    return LossOutput(loss, floats, ratio_var.detach(), parts)
 
 
 def _sequence_units(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Sequence ratio s_i = exp(mean_t log-ratio), sequence advantage (row mean) and valid rows."""
     return torch.exp(masked_mean(log_ratio, mask, dim=1)), masked_mean(adv, mask, dim=1), mask.any(dim=1)
+
+
+def _penalised(ratio: Tensor, log_ratio: Tensor, penalty: str, clip: float) -> Tensor:
+    """The per-unit quantity whose variance is penalised: r, log r or min(r, c) (c only cuts the tail)."""
+    if penalty == "log_ratio":
+        return log_ratio
+    if penalty == "truncated":
+        return torch.minimum(ratio, torch.as_tensor(clip, dtype=ratio.dtype))
+    return ratio
+
+
+def _chi2_weight(ratio: Tensor, unit_mask: Tensor, budget: float) -> Tensor:
+    """Per-sample weight w_i = min(1, δ / χ²_i), χ²_i = mean over the sample's valid units of (r − 1)².
+
+    Every sample's weighted second moment w_i·χ²_i is then ≤ δ, so the weighted batch meets the budget by
+    construction; fresh samples (r ≈ 1) keep weight 1. Detached: it rescales, it does not pull.
+    """
+    with torch.no_grad():
+        dev = torch.where(unit_mask, (ratio - 1) ** 2, 0.0)
+        if ratio.dim() == 2:  # tokens: one weight per row
+            chi2 = dev.sum(1, keepdim=True) / unit_mask.sum(1, keepdim=True).clamp(min=1)
+        else:
+            chi2 = dev
+        return torch.where(chi2 > budget, budget / chi2.clamp(min=1e-30), torch.ones_like(chi2))
 
 
 def r2vpo_loss(
@@ -134,44 +176,88 @@ def r2vpo_loss(
     var_budget: float | None = None,
     normalize_by_lambda: bool = False,
     center: str = "mean",
+    penalty: str = "ratio",
+    penalty_clip: float = 2.0,
+    sample_weight: str = "none",
+    trust_region: str = "behavior",
+    proximal_logp: Tensor | None = None,
 ) -> LossOutput:
     """R²VPO: loss = −J + lam·V (DESIGN §5). ``var_level`` picks the unit of the variance; ``center``
-    "one" measures V = mean (r − 1)² instead; ``normalize_by_lambda`` divides the loss by (1 + lam)."""
+    "one" measures V = mean (x − 1)² (mean (log r)² for the log-ratio) instead of around the mean;
+    ``normalize_by_lambda`` divides the loss by (1 + lam); ``penalty`` picks x in V = Var(x): the ratio r,
+    the log-ratio, or the ratio truncated at ``penalty_clip`` (the surrogate keeps the untruncated r);
+    ``sample_weight="chi2"`` multiplies each sample's surrogate by min(1, δ / χ²_i) (needs ``var_budget``);
+    ``trust_region="proximal"`` penalises the variance of q = exp(logp − proximal_logp), the ratio to the
+    learner's own weights at the start of the batch, while the surrogate keeps the behaviour ratio r as its
+    importance weight (decoupled: staleness is reweighted, only this batch's own drift is constrained)."""
     _validate(logp, behavior_logp, advantages, mask)
     if var_level not in VAR_LEVELS:
         raise ValueError(f"unknown var_level {var_level!r}; choose one of: {', '.join(VAR_LEVELS)}")
     if center not in CENTERS:
         raise ValueError(f"unknown center {center!r}; choose one of: {', '.join(CENTERS)}")
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; choose one of: {', '.join(PENALTIES)}")
+    if sample_weight not in SAMPLE_WEIGHTS:
+        raise ValueError(
+            f"unknown sample_weight {sample_weight!r}; choose one of: {', '.join(SAMPLE_WEIGHTS)}"
+        )
+    if sample_weight == "chi2" and not (var_budget is not None and var_budget > 0):
+        raise ValueError("sample_weight='chi2' needs var_budget > 0 (the δ the weights are derived from)")
+    if not (math.isfinite(penalty_clip) and penalty_clip > 0):
+        raise ValueError(f"penalty_clip must be a finite number > 0, got {penalty_clip}")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    if trust_region not in TRUST_REGIONS:
+        raise ValueError(f"unknown trust_region {trust_region!r}; choose one of: {', '.join(TRUST_REGIONS)}")
+    if trust_region == "proximal" and (proximal_logp is None or proximal_logp.shape != logp.shape):
+        raise ValueError(f"trust_region='proximal' needs proximal_logp of shape {_shape(logp)} like logp")
     if var_level == "group" and (group_ids is None or group_ids.shape != logp.shape[:1]):
         raise ValueError(f"var_level='group' needs group_ids of shape [B] = [{logp.shape[0]}]")
     log_ratio = _log_ratio(logp, behavior_logp, mask)
     adv = _token_adv(advantages, mask)
     if var_level == "sequence":
         ratio, adv, unit_mask = _sequence_units(log_ratio, adv, mask)
+        unit_log_ratio = masked_mean(log_ratio, mask, dim=1)
     else:
-        ratio, unit_mask = torch.exp(log_ratio), mask
+        ratio, unit_mask, unit_log_ratio = torch.exp(log_ratio), mask, log_ratio
+    if trust_region == "proximal":  # the penalised ratio q is to the batch-start weights, not the sampler's
+        log_q = _log_ratio(logp, proximal_logp, mask)
+        unit_log_q = masked_mean(log_q, mask, dim=1) if var_level == "sequence" else log_q
+        q = torch.exp(unit_log_q)
+    else:
+        q, unit_log_q = ratio, unit_log_ratio
+    x = _penalised(q, unit_log_q, penalty, penalty_clip)
     if center == "one":
-        ratio_bar = torch.ones_like(ratio)
+        x_bar = torch.zeros_like(x) if penalty == "log_ratio" else torch.ones_like(x)
     elif var_level == "group":
-        ratio_bar = _group_mean(ratio, mask, group_ids)
+        x_bar = _group_mean(x, mask, group_ids)
     else:
-        ratio_bar = masked_mean(ratio, unit_mask)  # not detached: r̄ is part of the variance
-    J = masked_mean(ratio * adv, unit_mask)
-    V = masked_mean((ratio - ratio_bar) ** 2, unit_mask)
-    loss = -J + lam * V
-    if normalize_by_lambda:
-        loss = loss / (1.0 + lam)
+        x_bar = masked_mean(x, unit_mask)  # not detached: the mean is part of the variance
+    weight = _chi2_weight(ratio, unit_mask, var_budget) if sample_weight == "chi2" else None
+    J = masked_mean(ratio * adv if weight is None else weight * ratio * adv, unit_mask)
+    V = masked_mean((x - x_bar) ** 2, unit_mask)
+    scale = 1.0 / (1.0 + lam) if normalize_by_lambda else 1.0
+    parts = {"surrogate": -J * scale, "penalty": lam * V * scale}
+    loss = parts["surrogate"] + parts["penalty"]
     with torch.no_grad():
-        coef = ratio * (adv - 2 * lam * (ratio - ratio_bar))  # per-unit gradient weight on ∇logp
         metrics: dict[str, Tensor | float] = {"loss": loss, "surrogate": J}
         metrics |= _ratio_stats(ratio, unit_mask, log_ratio, mask)
-        metrics |= {"ratio_var": V, "sign_flip_frac": masked_mean((coef * adv < 0).to(V.dtype), unit_mask)}
+        if penalty == "ratio" and trust_region == "behavior":
+            metrics["ratio_var"] = V  # the constrained quantity (group / centre options included)
+        metrics["penalty_var"] = V
+        # sign of the per-unit ascent weight on ∇logp against the advantage's
+        dx = q * (q < penalty_clip) if penalty == "truncated" else (q if penalty == "ratio" else 1.0)
+        w = 1.0 if weight is None else weight
+        coef = w * ratio * adv - 2 * lam * (x - x_bar) * dx
+        metrics["sign_flip_frac"] = masked_mean((coef * adv < 0).to(V.dtype), unit_mask)
+        if weight is not None:
+            rows = unit_mask.any(1) if unit_mask.dim() == 2 else unit_mask
+            flat = weight.reshape(weight.shape[0], -1)[:, 0][rows]
+            metrics |= {"sample_weight_mean": flat.mean(), "sample_weight_min": flat.min()}
         metrics["lam"] = float(lam)
         if var_budget is not None:
             metrics["var_minus_budget"] = V - var_budget
-    return _output(loss, metrics, V)
+    return _output(loss, metrics, V, parts)
 
 
 def is_loss(logp: Tensor, behavior_logp: Tensor, advantages: Tensor, mask: Tensor) -> LossOutput:
@@ -287,6 +373,8 @@ LossFn = Callable[..., LossOutput]
 
 
 def _r2vpo(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **options):
+    if options.get("trust_region", "behavior") == "behavior":
+        options.pop("proximal_logp", None)  # only the proximal trust region reads it
     return r2vpo_loss(
         logp, behavior_logp, advantages, mask, lam, group_ids=group_ids, var_budget=var_budget, **options
     )
@@ -297,6 +385,7 @@ def _without_dual(fn: LossFn) -> LossFn:
 
     def adapter(logp, behavior_logp, advantages, mask, *, lam=0.0, group_ids=None, var_budget=None, **opts):
         del lam, group_ids  # no dual variable, no group-centred variance
+        opts.pop("proximal_logp", None)  # no trust region of their own to decouple
         out = fn(logp, behavior_logp, advantages, mask, **opts)
         if var_budget is None:
             return out

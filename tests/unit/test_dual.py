@@ -101,3 +101,46 @@ def test_load_state_dict_rejects_lam_outside_range():
 def test_invalid_constructor_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DualAscent(**kwargs)
+
+
+# --- study options: EMA of V̂, PID ---------------------------------------------------------------------
+
+
+def test_ema_smooths_the_variance_the_step_uses():
+    dual = DualAscent(budget=0.04, lr=1.0, lam_max=100.0, ema=0.9)
+    assert dual.update(0.04) == pytest.approx(0.0)  # the first V̂ seeds the average
+    lam = dual.update(10.04)  # v = 0.9·0.04 + 0.1·10.04 = 1.04
+    assert dual.smoothed_var == pytest.approx(1.04)
+    assert lam == pytest.approx(1.0)
+
+
+def test_pid_is_integral_plus_proportional_plus_rising_derivative():
+    dual = DualAscent(budget=0.1, lr=0.5, lam_max=100.0, mode="pid", kp=2.0, kd=1.0)
+    # e = 0.4: I = 0.2, lam = 0.2 + 2·0.4 (no derivative on the first step)
+    assert dual.update(0.5) == pytest.approx(1.0)
+    # e = 0.9: I = 0.65, lam = 0.65 + 1.8 + 1·0.5
+    assert dual.update(1.0) == pytest.approx(2.95)
+    # e = -0.1: I = 0.6, lam = 0.6 - 0.2 + 0 (falls are not differentiated)
+    assert dual.update(0.0) == pytest.approx(0.4)
+
+
+def test_pid_with_zero_gains_is_the_additive_rule():
+    a = DualAscent(budget=0.04, lr=0.3, mode="additive")
+    b = DualAscent(budget=0.04, lr=0.3, mode="pid")
+    for v in (0.5, 0.0, 1.2, 0.01, 0.0, 0.0):
+        assert a.update(v) == pytest.approx(b.update(v))
+
+
+def test_study_state_round_trips():
+    dual = DualAscent(budget=0.04, lr=0.5, mode="pid", kp=1.0, kd=1.0, ema=0.5)
+    for v in (0.3, 0.9, 0.1):
+        dual.update(v)
+    clone = DualAscent(budget=0.04, lr=0.5, mode="pid", kp=1.0, kd=1.0, ema=0.5)
+    clone.load_state_dict(dual.state_dict())
+    assert clone.update(0.7) == pytest.approx(dual.update(0.7))
+
+
+@pytest.mark.parametrize("kwargs", [{"ema": 1.0}, {"ema": -0.1}, {"kp": -1.0}, {"kd": math.nan}])
+def test_invalid_study_settings_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        DualAscent(**kwargs)
