@@ -2,55 +2,27 @@
 
 Connection errors and 5xx answers (503 while the engine loads included) are retried with exponential
 backoff; a 4xx answer is the caller's mistake and raises `InferenceError` at once with the server's
-message. The retry logic is written once, as a generator that yields what it needs done (send a request,
-sleep); `AsyncInferenceClient` and `InferenceClient` only drive it with their own httpx transport.
+message. The retry logic is the shared call protocol of `client.transport`; `AsyncInferenceClient` and
+`InferenceClient` only drive it with their own httpx transport.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from client.base import AsyncHttpClient, HttpClient
+from client.errors import InferenceError
 from client.schemas import CompletionRequest, CompletionResponse, ModelList
+from client.transport import AsyncTransport, Call, ResponseTooLarge, Send, Transport, with_retries
 
-T = TypeVar("T")
+__all__ = ["AsyncInferenceClient", "InferenceClient", "InferenceError"]
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class InferenceError(Exception):
-    """A failed inference call: `status_code` is the HTTP status (None when the server was unreachable)."""
-
-    def __init__(
-        self, message: str, *, status_code: int | None = None, retryable: bool | None = None
-    ) -> None:
-        super().__init__(message if status_code is None else f"HTTP {status_code}: {message}")
-        self.message = message
-        self.status_code = status_code
-        # Unreachable servers and 5xx answers may succeed on a later try; 4xx answers will not.
-        self.retryable = (status_code is None or status_code >= 500) if retryable is None else retryable
-
-
-@dataclass(frozen=True)
-class _Send:
-    method: str
-    path: str
-    payload: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class _Sleep:
-    seconds: float
-
-
-_Outcome = tuple[int, bytes] | InferenceError
-_Protocol = Generator[_Send | _Sleep, _Outcome | None, T]
 
 
 def _server_message(body: bytes) -> str:
@@ -84,7 +56,7 @@ def _parser(model: type[M], path: str) -> Callable[[int, bytes], M]:
     return parse
 
 
-def _transport_error(exc: httpx.HTTPError, path: str) -> InferenceError:
+def _transport_error(exc: httpx.HTTPError | ResponseTooLarge, path: str) -> InferenceError:
     # A read timeout means the server took the request and is still generating: sending it again would
     # only double the load, so only failures to connect / broken connections are retried.
     retryable = not isinstance(exc, httpx.ReadTimeout)
@@ -92,7 +64,7 @@ def _transport_error(exc: httpx.HTTPError, path: str) -> InferenceError:
 
 
 class _Core:
-    """Retry policy shared by both clients."""
+    """Retry policy and calls shared by both clients."""
 
     def __init__(self, retries: int, backoff: float) -> None:
         if retries < 0 or backoff < 0:
@@ -100,142 +72,58 @@ class _Core:
         self.retries = retries
         self.backoff = backoff
 
-    def call(self, send: _Send, parse: Callable[[int, bytes], T]) -> _Protocol[T]:
+    def call(self, send: Send, parse: Callable[[int, bytes], M]) -> Call[M]:
         """One logical call: up to 1 + retries attempts, sleeping backoff·2^k between retryable failures."""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                yield _Sleep(self.backoff * 2 ** (attempt - 1))
-            outcome = yield send
-            try:
-                if isinstance(outcome, InferenceError):
-                    raise outcome
-                assert outcome is not None
-                return parse(*outcome)
-            except InferenceError as exc:
-                if exc.retryable and attempt < self.retries:
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        return with_retries(send, parse, retries=self.retries, backoff=self.backoff, error=InferenceError)
 
-    def complete(self, req: CompletionRequest) -> _Protocol[CompletionResponse]:
+    def complete(self, req: CompletionRequest) -> Call[CompletionResponse]:
         payload = req.model_dump(mode="json", exclude_none=True)
         return self.call(
-            _Send("POST", "/v1/completions", payload), _parser(CompletionResponse, "/v1/completions")
+            Send("POST", "/v1/completions", payload), _parser(CompletionResponse, "/v1/completions")
         )
 
-    def models(self) -> _Protocol[ModelList]:
-        return self.call(_Send("GET", "/v1/models"), _parser(ModelList, "/v1/models"))
+    def models(self) -> Call[ModelList]:
+        return self.call(Send("GET", "/v1/models"), _parser(ModelList, "/v1/models"))
 
 
-class AsyncInferenceClient:
-    """Async client of one inference service. Use as `async with AsyncInferenceClient(url) as client:`."""
+class AsyncInferenceClient(AsyncHttpClient):
+    """Async client of one inference service. Use as `async with AsyncInferenceClient(url) as client:`.
+    `health()` is True once `GET /readyz` answers 200 (engine loaded)."""
+
+    _health_path = "/readyz"
 
     def __init__(
         self, base_url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5
     ) -> None:
         self._core = _Core(retries, backoff)
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
-
-    async def _send(self, send: _Send) -> _Outcome:
-        try:
-            response = await self._http.request(send.method, send.path, json=send.payload)
-            return response.status_code, response.content
-        except httpx.HTTPError as exc:
-            return _transport_error(exc, send.path)
-
-    async def _drive(self, protocol: _Protocol[T]) -> T:
-        try:
-            action = next(protocol)
-            while True:
-                if isinstance(action, _Sleep):
-                    await asyncio.sleep(action.seconds)
-                    action = protocol.send(None)
-                else:
-                    action = protocol.send(await self._send(action))
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            protocol.close()
+        self._transport = AsyncTransport(self._http, _transport_error)
 
     async def complete(self, req: CompletionRequest) -> CompletionResponse:
         """Completions for `req`; raises InferenceError (4xx at once, others after the retries)."""
-        return await self._drive(self._core.complete(req))
+        return await self._transport.run(self._core.complete(req))
 
     async def models(self) -> ModelList:
         """The served model and its current `policy_version`."""
-        return await self._drive(self._core.models())
-
-    async def health(self) -> bool:
-        """True when the service answers `GET /readyz` with 200 (engine loaded); no retries."""
-        try:
-            return (await self._http.get("/readyz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> AsyncInferenceClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        return await self._transport.run(self._core.models())
 
 
-class InferenceClient:
+class InferenceClient(HttpClient):
     """Blocking client for scripts and tests; same behaviour as AsyncInferenceClient."""
+
+    _health_path = "/readyz"
 
     def __init__(
         self, base_url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5
     ) -> None:
         self._core = _Core(retries, backoff)
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
-
-    def _send(self, send: _Send) -> _Outcome:
-        try:
-            response = self._http.request(send.method, send.path, json=send.payload)
-            return response.status_code, response.content
-        except httpx.HTTPError as exc:
-            return _transport_error(exc, send.path)
-
-    def _drive(self, protocol: _Protocol[T]) -> T:
-        try:
-            action = next(protocol)
-            while True:
-                if isinstance(action, _Sleep):
-                    time.sleep(action.seconds)
-                    action = protocol.send(None)
-                else:
-                    action = protocol.send(self._send(action))
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            protocol.close()
+        self._transport = Transport(self._http, _transport_error)
 
     def complete(self, req: CompletionRequest) -> CompletionResponse:
         """Completions for `req`; raises InferenceError (4xx at once, others after the retries)."""
-        return self._drive(self._core.complete(req))
+        return self._transport.run(self._core.complete(req))
 
     def models(self) -> ModelList:
         """The served model and its current `policy_version`."""
-        return self._drive(self._core.models())
-
-    def health(self) -> bool:
-        """True when the service answers `GET /readyz` with 200 (engine loaded); no retries."""
-        try:
-            return self._http.get("/readyz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def close(self) -> None:
-        self._http.close()
-
-    def aclose(self) -> None:
-        """Alias of `close()`, so code written against either client can end it the same way."""
-        self.close()
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self._transport.run(self._core.models())

@@ -1,143 +1,49 @@
 """Typed HTTP clients for a reward plug-in (DESIGN §3): `POST /score`, optional `POST /score_batch`.
 
 An error is always a typed `RewardError`, never a reward of 0. The retry / validation / circuit logic is
-written once, as a generator that yields what it needs done (send a request, sleep); the async client
-and the sync client only drive it with their own transport (`httpx.AsyncClient` / `httpx.Client`).
+written once, as a call protocol (`client.transport`) guarded by a `CircuitBreaker` (`client.circuit`);
+the async client and the sync client only drive it with their own transport (`httpx.AsyncClient` /
+`httpx.Client`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import ValidationError
 
+from client.base import AsyncHttpClient, HttpClient
+from client.circuit import CircuitBreaker, CircuitState
+from client.errors import RewardError, RewardErrorKind
 from client.schemas import ScoreBatchRequest, ScoreBatchResponse, ScoreRequest, ScoreResponse
+from client.transport import AsyncTransport, Call, ResponseTooLarge, Send, Transport, with_retries
 
-RewardErrorKind = Literal["timeout", "http", "invalid", "circuit_open", "unreachable"]
-CircuitState = Literal["closed", "open", "half_open"]
+__all__ = [
+    "AsyncRewardClient",
+    "CircuitBreaker",
+    "CircuitState",
+    "RewardClient",
+    "RewardError",
+    "RewardErrorKind",
+    "transport_error",
+]
+
 T = TypeVar("T")
 _MAX_BATCH = 1024  # ScoreBatchRequest.items max_length
 
 
-class RewardError(Exception):
-    """A failed reward call. `kind` says what failed; `status_code` is set for HTTP errors."""
-
-    def __init__(
-        self, kind: RewardErrorKind, message: str, *, status_code: int | None = None, detail: Any = None
-    ):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-        self.status_code = status_code
-        self.detail = detail
-
-    @property
-    def retryable(self) -> bool:
-        """Timeouts, unreachable services and 5xx answers may succeed on a later try; the rest will not."""
-        return self.kind in ("timeout", "unreachable") or (
-            self.kind == "http" and (self.status_code or 0) >= 500
-        )
-
-
-class CircuitBreaker:
-    """Opens after `failure_threshold` consecutive failed calls; fails fast while open; after
-    `reset_after_s` it is half-open and lets one probe call through, which closes it on success.
-
-    A failed call is one that ends (after its retries) in timeout / unreachable / 5xx / invalid; a 4xx
-    answer shows the service is up, so it counts as a success here. Thread-safe.
-    """
-
-    def __init__(
-        self,
-        failure_threshold: int = 5,
-        reset_after_s: float = 10.0,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failure_threshold < 1 or reset_after_s < 0:
-            raise ValueError("failure_threshold must be >= 1 and reset_after_s >= 0")
-        self.failure_threshold = failure_threshold
-        self.reset_after_s = reset_after_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._probing = False
-
-    @property
-    def state(self) -> CircuitState:
-        with self._lock:
-            return self._state()
-
-    def _state(self) -> CircuitState:
-        if self._opened_at is None:
-            return "closed"
-        return "half_open" if self._clock() - self._opened_at >= self.reset_after_s else "open"
-
-    def before_call(self) -> None:
-        """Admit a call or raise RewardError('circuit_open')."""
-        with self._lock:
-            state = self._state()
-            if state == "closed":
-                return
-            if state == "half_open" and not self._probing:
-                self._probing = True
-                return
-            wait = max(0.0, self.reset_after_s - (self._clock() - (self._opened_at or 0.0)))
-            raise RewardError(
-                "circuit_open", f"circuit open after {self._failures} failures; retry in {wait:.1f}s"
-            )
-
-    def record(self, error: RewardError | None) -> None:
-        """Record the outcome of an admitted call (None: success)."""
-        with self._lock:
-            self._probing = False
-            if error is None or error.kind == "http" and (error.status_code or 0) < 500:
-                self._failures, self._opened_at = 0, None
-                return
-            self._failures += 1
-            if self._opened_at is not None or self._failures >= self.failure_threshold:
-                self._opened_at = self._clock()
-
-    def abandon(self) -> None:
-        """An admitted call was cancelled without an outcome: free the half-open probe slot."""
-        with self._lock:
-            self._probing = False
-
-
-@dataclass(frozen=True)
-class _Send:
-    path: str
-    payload: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _Sleep:
-    seconds: float
-
-
-# What a transport returns for a _Send: (status, body bytes) or a RewardError (timeout, unreachable, too big).
-_Outcome = tuple[int, bytes] | RewardError
-_Protocol = Generator[_Send | _Sleep, _Outcome | None, T]
-
-
-def transport_error(exc: httpx.HTTPError, path: str) -> RewardError:
-    """Map an httpx exception to a typed RewardError."""
+def transport_error(exc: httpx.HTTPError | ResponseTooLarge, path: str) -> RewardError:
+    """Map an httpx exception (or a response over the size limit) to a typed RewardError."""
+    if isinstance(exc, ResponseTooLarge):
+        return RewardError("invalid", f"{path}: response larger than {exc.limit} bytes")
     if isinstance(exc, httpx.TimeoutException):
         return RewardError("timeout", f"{path}: {type(exc).__name__}: {exc}")
     return RewardError("unreachable", f"{path}: {type(exc).__name__}: {exc}")
-
-
-def _too_big(path: str, limit: int) -> RewardError:
-    return RewardError("invalid", f"{path}: response larger than {limit} bytes")
 
 
 def _load_json(status: int, body: bytes, path: str) -> Any:
@@ -158,11 +64,6 @@ def _http_error(status: int, body: bytes, path: str) -> RewardError:
         else (data, None)
     )
     return RewardError("http", f"{path}: HTTP {status}: {error}", status_code=status, detail=detail)
-
-
-def _declared_too_big(response: httpx.Response, limit: int) -> bool:
-    declared = response.headers.get("content-length", "")
-    return declared.isdigit() and int(declared) > limit
 
 
 class _ClientBase:
@@ -196,7 +97,7 @@ class _ClientBase:
         self._open(dict(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers, limits=limits))
 
     def _open(self, http_options: dict[str, Any]) -> None:
-        """Create the transport (`self._http`)."""
+        """Create the httpx client (`self._http`) and the transport over it (`self._transport`)."""
         raise NotImplementedError
 
     @property
@@ -205,8 +106,8 @@ class _ClientBase:
         return self._circuit
 
     @staticmethod
-    def _request(request: ScoreRequest) -> _Send:
-        return _Send("/score", request.model_dump(mode="json"))
+    def _request(request: ScoreRequest) -> Send:
+        return Send("POST", "/score", request.model_dump(mode="json"))
 
     def _check(self, response: ScoreResponse, path: str) -> ScoreResponse:
         if self.reward_range is not None:
@@ -236,43 +137,30 @@ class _ClientBase:
             raise RewardError("invalid", f"/score_batch: {len(results)} results for {expected} items")
         return [self._check(r, "/score_batch") for r in results]
 
-    def _call(self, send: _Send, parse: Callable[[int, bytes], T]) -> _Protocol[T]:
+    def _call(self, send: Send, parse: Callable[[int, bytes], T]) -> Call[T]:
         """One logical call: circuit check, then attempts with exponential backoff on retryable errors."""
         self._circuit.before_call()
-        recorded = False
         try:
-            attempt = 0
-            while True:
-                outcome = yield send
-                try:
-                    if isinstance(outcome, RewardError):
-                        raise outcome
-                    result = parse(*outcome)
-                except RewardError as exc:
-                    if exc.retryable and attempt < self.retries:
-                        attempt += 1
-                        yield _Sleep(self.backoff * 2 ** (attempt - 1))
-                        continue
-                    recorded = True
-                    self._circuit.record(exc)
-                    raise
-                recorded = True
-                self._circuit.record(None)
-                return result
-        finally:
-            if not recorded:  # cancelled (or a bug in parse): no outcome to count
-                self._circuit.abandon()
+            result = yield from with_retries(
+                send, parse, retries=self.retries, backoff=self.backoff, error=RewardError
+            )
+        except RewardError as exc:
+            self._circuit.record(exc)
+            raise
+        except BaseException:  # cancelled (or a bug in parse): no outcome to count
+            self._circuit.abandon()
+            raise
+        self._circuit.record(None)
+        return result
 
-    def _batch(self, requests: list[ScoreRequest]) -> _Protocol[list[ScoreResponse] | None]:
+    def _batch(self, requests: list[ScoreRequest]) -> Call[list[ScoreResponse] | None]:
         """POST /score_batch in chunks; returns None (and remembers) when the service has no batch route."""
         results: list[ScoreResponse] = []
         for start in range(0, len(requests), _MAX_BATCH):
             chunk = requests[start : start + _MAX_BATCH]
-            payload = ScoreBatchRequest(items=chunk).model_dump(mode="json")
+            send = Send("POST", "/score_batch", ScoreBatchRequest(items=chunk).model_dump(mode="json"))
             try:
-                part = yield from self._call(
-                    _Send("/score_batch", payload), lambda s, b, n=len(chunk): self._parse_batch(s, b, n)
-                )
+                part = yield from self._call(send, lambda s, b, n=len(chunk): self._parse_batch(s, b, n))
             except RewardError as exc:
                 if exc.kind == "http" and exc.status_code in (404, 405) and not results:
                     self._batch_supported = False
@@ -283,53 +171,28 @@ class _ClientBase:
         return results
 
 
-class AsyncRewardClient(_ClientBase):
+class AsyncRewardClient(_ClientBase, AsyncHttpClient):
     """Async client of one reward service. Use as `async with AsyncRewardClient(url) as client:`."""
 
     def _open(self, http_options: dict[str, Any]) -> None:
         self._http = httpx.AsyncClient(**http_options)
-        self._limit = asyncio.Semaphore(self._max_concurrency)
-
-    async def _send(self, send: _Send) -> _Outcome:
-        limit = self.max_response_bytes
-        async with self._limit:
-            try:
-                async with self._http.stream("POST", send.path, json=send.payload) as response:
-                    if _declared_too_big(response, limit):
-                        return _too_big(send.path, limit)
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > limit:
-                            return _too_big(send.path, limit)
-                    return response.status_code, bytes(body)
-            except httpx.HTTPError as exc:
-                return transport_error(exc, send.path)
-
-    async def _drive(self, protocol: _Protocol[T]) -> T:
-        try:
-            action = next(protocol)
-            while True:
-                if isinstance(action, _Sleep):
-                    await asyncio.sleep(action.seconds)
-                    action = protocol.send(None)
-                else:
-                    action = protocol.send(await self._send(action))
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            protocol.close()
+        self._transport = AsyncTransport(
+            self._http,
+            transport_error,
+            max_bytes=self.max_response_bytes,
+            max_concurrency=self._max_concurrency,
+        )
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         """Score one completion; raises RewardError on any failure."""
-        return await self._drive(self._call(self._request(request), self._parse_score))
+        return await self._transport.run(self._call(self._request(request), self._parse_score))
 
     async def score_batch(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
         """Score many, in order: one /score_batch call per chunk, or concurrent /score calls without it."""
         if not requests:
             return []
         if self._batch_supported is not False:
-            results = await self._drive(self._batch(requests))
+            results = await self._transport.run(self._batch(requests))
             if results is not None:
                 return results
         tasks = [asyncio.ensure_future(self.score(r)) for r in requests]
@@ -340,68 +203,24 @@ class AsyncRewardClient(_ClientBase):
                 task.cancel()
             raise
 
-    async def health(self) -> bool:
-        """True when GET /healthz answers 200 (bypasses the circuit breaker)."""
-        try:
-            return (await self._http.get("/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
 
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> AsyncRewardClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-class RewardClient(_ClientBase):
+class RewardClient(_ClientBase, HttpClient):
     """Blocking client for scripts; same behaviour as AsyncRewardClient (the batch fallback uses threads)."""
 
     def _open(self, http_options: dict[str, Any]) -> None:
         self._http = httpx.Client(**http_options)
-
-    def _send(self, send: _Send) -> _Outcome:
-        limit = self.max_response_bytes
-        try:
-            with self._http.stream("POST", send.path, json=send.payload) as response:
-                if _declared_too_big(response, limit):
-                    return _too_big(send.path, limit)
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        return _too_big(send.path, limit)
-                return response.status_code, bytes(body)
-        except httpx.HTTPError as exc:
-            return transport_error(exc, send.path)
-
-    def _drive(self, protocol: _Protocol[T]) -> T:
-        try:
-            action = next(protocol)
-            while True:
-                if isinstance(action, _Sleep):
-                    time.sleep(action.seconds)
-                    action = protocol.send(None)
-                else:
-                    action = protocol.send(self._send(action))
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            protocol.close()
+        self._transport = Transport(self._http, transport_error, max_bytes=self.max_response_bytes)
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
         """Score one completion; raises RewardError on any failure."""
-        return self._drive(self._call(self._request(request), self._parse_score))
+        return self._transport.run(self._call(self._request(request), self._parse_score))
 
     def score_batch(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
         """Score many, in order: /score_batch when the service has it, else /score calls on a thread pool."""
         if not requests:
             return []
         if self._batch_supported is not False:
-            results = self._drive(self._batch(requests))
+            results = self._transport.run(self._batch(requests))
             if results is not None:
                 return results
         pool = ThreadPoolExecutor(max_workers=min(self._max_concurrency, len(requests)))
@@ -409,21 +228,3 @@ class RewardClient(_ClientBase):
             return list(pool.map(self.score, requests))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def health(self) -> bool:
-        """True when GET /healthz answers 200 (bypasses the circuit breaker)."""
-        try:
-            return self._http.get("/healthz").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def close(self) -> None:
-        self._http.close()
-
-    aclose = close  # the async client's name works too
-
-    def __enter__(self) -> RewardClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
