@@ -9,7 +9,6 @@ large (413).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,52 +18,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from client.body_limit import BodyLimit
 from client.reward_metrics import RewardMetrics
 from client.schemas import ErrorResponse, ScoreBatchRequest, ScoreBatchResponse, ScoreRequest, ScoreResponse
 from client.scoring import RewardScorer, ScoreFn, ScoringError
 
 __all__ = ["create_reward_app"]
-
-
-class _BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 (the rest of it is read and dropped,
-    up to 64× the limit, so the client sees the answer instead of a broken pipe)."""
-
-    def __init__(self, app: Any, max_bytes: int, on_reject: Callable[[], None]) -> None:
-        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        too_big = declared.isdigit() and int(declared) > self.max_bytes
-        chunks: list[bytes] = []
-        received, more = 0, True
-        while more and received <= 64 * self.max_bytes:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk, more = message.get("body", b""), message.get("more_body", False)
-            received += len(chunk)
-            too_big = too_big or received > self.max_bytes
-            if not too_big:
-                chunks.append(chunk)
-        if too_big:
-            self.on_reject()
-            error = ErrorResponse(
-                error=f"request body larger than {self.max_bytes} bytes", detail={"limit": self.max_bytes}
-            )
-            return await JSONResponse(error.model_dump(), status_code=413)(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
 
 
 def _error(
@@ -102,7 +61,13 @@ def create_reward_app(
 
     app = FastAPI(title=f"r2vpo reward plug-in: {name}", lifespan=lifespan)
     app.state.scorer = scorer
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, on_reject=lambda: metrics.error("too_large"))
+
+    def too_large() -> JSONResponse:
+        metrics.error("too_large")
+        detail = {"limit": max_body_bytes}
+        return _error(413, f"request body larger than {max_body_bytes} bytes", detail)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, reject=too_large)
 
     def get_scorer(request: Request) -> RewardScorer:
         return request.app.state.scorer

@@ -1,4 +1,4 @@
-"""The Redis side of the system (DESIGN §4): trajectory queue, dead letters, weight announcements, metrics.
+"""The run's trajectory queue (DESIGN §4): one Redis stream with a consumer group, and its dead letters.
 
 Every key is namespaced per run (`r2vpo:{run}:…`). Delivery is at-least-once (a consumer group on one
 stream); the training *effect* is exactly-once: an entry is acked and deleted only after the optimizer step
@@ -10,37 +10,49 @@ Accounting identity, computable from Redis alone (see `TrajectoryQueue.accountin
 where each stream entry is counted once by the step that XACKs it (XACK's reply decides, so two learners
 settling the same entry count it once). `duplicates_skipped` is 0 unless a producer pushed a group twice.
 
-Reconnects: the client from `connect_redis` retries single commands a few times on connection errors
-(redis-py's `Retry`, for blips); services wrap each loop iteration in `with_retry` to ride out a restart.
-With append-only persistence the consumer group and its pending entries survive a restart; if the
-stream/group is gone anyway (NOGROUP), it is recreated.
+Alongside (and re-exported here, where callers import them from): connecting and retrying in
+`services.redis_client`; key names, weight announcements, metrics and state in `services.run_store`,
+which `TrajectoryQueue` extends. If the stream/group is gone (NOGROUP), it is recreated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
 from pydantic import ValidationError
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
-from client.schemas import TrajectoryGroup, WeightsAnnouncement
+from client.schemas import TrajectoryGroup
+from services.redis_client import (
+    TRANSIENT,
+    QueueUnavailable,
+    as_str,
+    connect_redis,
+    raise_if_cancelled,
+    redact_url,
+    with_retry,
+)
+from services.run_store import RedisKeys, RunStore
+
+__all__ = [
+    "TRANSIENT",
+    "Delivery",
+    "QueueUnavailable",
+    "RedisKeys",
+    "RunStore",
+    "TrajectoryQueue",
+    "connect_redis",
+    "redact_url",
+    "with_retry",
+]
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 # Atomic settle of stream entries (a script rather than MULTI/EXEC so the counters can follow what XACK
 # and SADD actually returned). KEYS: stream, counters, set. ARGV: group, entry counter, repeat counter,
@@ -63,32 +75,6 @@ return {acked, repeated}
 """
 
 
-class QueueUnavailable(RuntimeError):
-    """Redis could not be reached after all retries."""
-
-
-@dataclass(frozen=True)
-class RedisKeys:
-    """All Redis keys of one run (DESIGN §4)."""
-
-    run: str
-    trajectories: str = field(init=False)  # stream, consumer group `learners`
-    deadletter: str = field(init=False)  # stream of rejected groups, with the reason
-    weights_channel: str = field(init=False)  # pub/sub: wakes weight watchers
-    weights_latest: str = field(init=False)  # hash: the latest announcement (source of truth)
-    metrics: str = field(init=False)  # capped stream of step metrics
-    state: str = field(init=False)  # hash: learner version, λ, …
-    trained: str = field(init=False)  # set of trained group ids
-    dropped: str = field(init=False)  # set of group ids the learner chose not to train
-    counters: str = field(init=False)  # hash: produced, trained, dead_lettered, dropped, …
-
-    def __post_init__(self) -> None:
-        suffixes = {"weights_channel": "weights", "weights_latest": "weights:latest"}
-        for name in ("trajectories", "deadletter", "weights_channel", "weights_latest", "metrics", "state",
-                     "trained", "dropped", "counters"):  # fmt: skip
-            object.__setattr__(self, name, f"r2vpo:{self.run}:{suffixes.get(name, name)}")
-
-
 @dataclass
 class Delivery:
     """One validated trajectory group handed to a learner; `deliveries` counts redeliveries too."""
@@ -96,89 +82,6 @@ class Delivery:
     entry_id: str
     group: TrajectoryGroup
     deliveries: int
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***` (safe to log)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-async def connect_redis(
-    url: str,
-    *,
-    attempts: int = 30,
-    backoff_s: float = 0.2,
-    max_backoff_s: float = 5.0,
-    log: logging.Logger | None = None,
-) -> aredis.Redis:
-    """A client for `url` (redis:// or rediss://) once PING succeeds; exponential backoff between tries."""
-    log = log or logger
-    client = aredis.from_url(
-        url,
-        decode_responses=False,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-    )
-    delay, last = backoff_s, None
-    for attempt in range(1, attempts + 1):
-        try:
-            await client.ping()
-            return client
-        except AuthenticationError as exc:
-            await client.aclose()
-            raise QueueUnavailable(f"Redis at {redact_url(url)} rejected the credentials: {exc}") from exc
-        except TRANSIENT as exc:
-            last = exc
-            log.warning("redis %s not reachable (attempt %d/%d): %s", redact_url(url), attempt, attempts, exc)
-            if attempt < attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_backoff_s)
-    await client.aclose()
-    raise QueueUnavailable(f"Redis at {redact_url(url)} not reachable after {attempts} attempts: {last}")
-
-
-async def with_retry(
-    op: Callable[[], Awaitable[T]],
-    *,
-    attempts: int = 10,
-    backoff: float = 0.2,
-    max_backoff: float = 5.0,
-    log: logging.Logger | None = None,
-) -> T:
-    """`await op()`, retrying on connection errors/timeouts with exponential backoff (rides out a restart)."""
-    if attempts < 1:
-        raise ValueError("attempts must be >= 1")
-    delay = backoff
-    for attempt in range(1, attempts + 1):
-        try:
-            result = await op()
-            _checkpoint()
-            return result
-        except TRANSIENT as exc:
-            if attempt == attempts:
-                raise QueueUnavailable(f"Redis operation failed after {attempts} attempts: {exc}") from exc
-            (log or logger).warning("redis operation failed (attempt %d/%d): %s", attempt, attempts, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_backoff)
-    raise AssertionError("unreachable")
-
-
-def _checkpoint() -> None:
-    """Re-raise a cancellation that Python 3.11's `asyncio.wait_for` (used inside redis-py) swallowed
-    when its inner call finished at the same moment; without this a cancelled polling loop runs on."""
-    task = asyncio.current_task()
-    if task is not None and getattr(task, "cancelling", lambda: 0)() > 0:
-        raise asyncio.CancelledError()
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entries(reply: Any) -> list[tuple[Any, Any]]:
@@ -193,8 +96,9 @@ def _entries(reply: Any) -> list[tuple[Any, Any]]:
     return out
 
 
-class TrajectoryQueue:
-    """The run's trajectory stream and everything around it; one instance per process (named consumer)."""
+class TrajectoryQueue(RunStore):
+    """The run's trajectory stream, plus (from `RunStore`) its weights, metrics and state; one instance per
+    process (named consumer)."""
 
     def __init__(
         self,
@@ -205,7 +109,8 @@ class TrajectoryQueue:
         group_name: str = "learners",
         max_len: int = 1024,
     ) -> None:
-        self.redis, self.keys, self.consumer = redis, RedisKeys(run), consumer
+        super().__init__(redis, run)
+        self.consumer = consumer
         self.group_name, self.max_len = group_name, max_len
         self._settle_script = redis.register_script(_SETTLE)
         self._inflight: set[str] = set()  # entries delivered to this consumer and not yet settled
@@ -218,7 +123,7 @@ class TrajectoryQueue:
             pipe.xadd(self.keys.trajectories, {"data": group.model_dump_json().encode()})
             pipe.hincrby(self.keys.counters, "produced", 1)
             entry_id, _ = await pipe.execute()
-        return _s(entry_id)
+        return as_str(entry_id)
 
     async def length(self) -> int:
         return int(await self.redis.xlen(self.keys.trajectories))
@@ -227,7 +132,7 @@ class TrajectoryQueue:
         """Block while the stream holds `max_len` entries or more; returns the seconds paused."""
         start = time.monotonic()
         while await self.length() >= self.max_len:
-            _checkpoint()
+            raise_if_cancelled()
             if timeout_s is not None and time.monotonic() - start >= timeout_s:
                 raise TimeoutError(f"trajectory stream still full ({self.max_len}) after {timeout_s} s")
             await asyncio.sleep(poll_s)
@@ -292,8 +197,8 @@ class TrajectoryQueue:
                 self.keys.trajectories, self.group_name, self.consumer, min_idle_ms, self._claim_cursor, count
             )
         )
-        self._claim_cursor = _s(reply[0])  # redis 7 adds reply[2] (deleted ids, already out of the PEL)
-        entries = [(i, f) for i, f in reply[1] if _s(i or b"") not in self._inflight]
+        self._claim_cursor = as_str(reply[0])  # redis 7 adds reply[2] (deleted ids, already out of the PEL)
+        entries = [(i, f) for i, f in reply[1] if as_str(i or b"") not in self._inflight]
         if any(i is None for i, _ in entries):  # redis 6.2: deleted entries stay pending, ids hidden
             await self._ack_deleted_pending()
         entries = [(i, f) for i, f in entries if i is not None]
@@ -302,7 +207,8 @@ class TrajectoryQueue:
                 pipe.xpending_range(self.keys.trajectories, self.group_name, entry_id, entry_id, 1)
             info = await pipe.execute()
         counts = {
-            _s(i): int(p[0]["times_delivered"]) if p else 1 for (i, _), p in zip(entries, info, strict=True)
+            as_str(i): int(p[0]["times_delivered"]) if p else 1
+            for (i, _), p in zip(entries, info, strict=True)
         }
         return await self._admit(entries, counts)
 
@@ -318,7 +224,7 @@ class TrajectoryQueue:
         """Validate and deduplicate raw entries; invalid ones are dead-lettered, duplicates skipped."""
         valid: list[Delivery] = []
         for raw_id, fields in entries:
-            entry_id, data = _s(raw_id), (fields or {}).get(b"data") or (fields or {}).get("data")
+            entry_id, data = as_str(raw_id), (fields or {}).get(b"data") or (fields or {}).get("data")
             try:
                 if data is None:
                     raise ValueError("entry has no 'data' field")
@@ -385,13 +291,13 @@ class TrajectoryQueue:
         return acked
 
     async def trained_ids(self) -> set[str]:
-        return {_s(m) for m in await self.redis.smembers(self.keys.trained)}
+        return {as_str(m) for m in await self.redis.smembers(self.keys.trained)}
 
     async def accounting(self) -> dict[str, int]:
         """Run accounting; `unaccounted` = produced − (trained + dead_lettered + dropped + duplicates
         + pending) is 0 when every produced group is accounted for."""
         raw = await self.redis.hgetall(self.keys.counters)
-        c = {_s(k): int(v) for k, v in raw.items()}
+        c = {as_str(k): int(v) for k, v in raw.items()}
         names = ("produced", "trained", "dead_lettered", "dropped", "duplicates_skipped", "trained_twice")
         out = {name: c.get(name, 0) for name in names}
         out["pending"] = await self.length()
@@ -401,62 +307,3 @@ class TrajectoryQueue:
         )
         out["unaccounted"] = out["produced"] - settled
         return out
-
-    # --- weights --------------------------------------------------------------------------------------
-    async def announce(self, a: WeightsAnnouncement) -> None:
-        """Write the announcement to the `weights:latest` hash (source of truth), then PUBLISH to wake
-        watchers."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.weights_latest, mapping=a.model_dump(mode="json"))
-            pipe.publish(self.keys.weights_channel, a.model_dump_json())
-            await pipe.execute()
-
-    async def latest_weights(self) -> WeightsAnnouncement | None:
-        raw = await self.redis.hgetall(self.keys.weights_latest)
-        return WeightsAnnouncement.model_validate({_s(k): _s(v) for k, v in raw.items()}) if raw else None
-
-    async def watch_weights(
-        self, poll_s: float = 1.0, *, after_version: int = -1
-    ) -> AsyncIterator[WeightsAnnouncement]:
-        """Yield each newer announcement once, ascending (read from the hash; pub/sub only wakes us, and
-        we also poll every `poll_s` in case a message was missed). Use with `contextlib.aclosing`."""
-        last, pubsub, subscribed = after_version, self.redis.pubsub(), False
-        try:
-            while True:
-                try:
-                    if not subscribed:
-                        await pubsub.subscribe(self.keys.weights_channel)
-                        subscribed = True
-                    latest = await self.latest_weights()
-                    _checkpoint()
-                    if latest is not None and latest.version > last:
-                        last = latest.version
-                        yield latest
-                        continue
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
-                    _checkpoint()
-                except TRANSIENT as exc:
-                    logger.warning("weights watch lost redis: %s", exc)
-                    subscribed = False
-                    await pubsub.reset()
-                    await asyncio.sleep(poll_s)
-        finally:
-            await pubsub.aclose()
-
-    # --- metrics & state ------------------------------------------------------------------------------
-    async def append_metrics(self, record: dict, maxlen: int = 10_000) -> str:
-        """Append one metrics record (JSON; non-finite floats become null) to the capped metrics stream."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        data = json.dumps(clean, default=str)
-        return _s(await self.redis.xadd(self.keys.metrics, {"data": data}, maxlen=maxlen, approximate=True))
-
-    async def read_metrics(self, after_id: str = "0-0", count: int = 1000) -> list[tuple[str, dict]]:
-        """Metrics records with ids strictly after `after_id`, oldest first."""
-        rows = await self.redis.xrange(self.keys.metrics, min=f"({after_id}", max="+", count=count)
-        return [(_s(i), json.loads(f[b"data"])) for i, f in rows]
-
-    async def set_state(self, mapping: dict) -> None:
-        await self.redis.hset(self.keys.state, mapping={k: str(v) for k, v in mapping.items()})
-
-    async def get_state(self) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in (await self.redis.hgetall(self.keys.state)).items()}

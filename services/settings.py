@@ -34,20 +34,13 @@ def unknown_env_vars(prefix: str, fields: set[str], environ: dict[str, str] | No
     return sorted(found)
 
 
-class ServiceSettings(BaseSettings):
-    """Base of every service's settings: env prefix per service, unknown keys are errors."""
+class StrictSettings(BaseSettings):
+    """Settings that refuse what they do not know: unknown keys and unknown `env_prefix…` variables are
+    errors naming the key. The base of `ServiceSettings`, and of a service with no Redis (the reward
+    service) that must not grow settings it would silently ignore."""
 
     # Errors name the key and the problem, never the value (a redis_url or token may be in it).
     model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__", hide_input_in_errors=True)
-
-    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="run name (Redis namespace)")
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)
-    redis_url: SecretStr = Field(
-        SecretStr("redis://127.0.0.1:6379/0"), description="redis[s]://[:pw@]host:port/db or unix://path"
-    )
-    admin_token: SecretStr | None = Field(None, description="bearer token for admin endpoints")
-    log_level: str = "info"
 
     @model_validator(mode="before")
     @classmethod
@@ -61,6 +54,19 @@ class ServiceSettings(BaseSettings):
                     f"(fields: {', '.join(sorted(cls.model_fields))})"
                 )
         return data
+
+
+class ServiceSettings(StrictSettings):
+    """Base of every Redis-attached service's settings: env prefix per service, unknown keys are errors."""
+
+    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="run name (Redis namespace)")
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="redis[s]://[:pw@]host:port/db or unix://path"
+    )
+    admin_token: SecretStr | None = Field(None, description="bearer token for admin endpoints")
+    log_level: str = "info"
 
     @field_validator("redis_url")
     @classmethod

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from client.body_limit import BodyLimit
 from client.schemas import CompletionResponse, ModelList, WeightsAnnouncement
 from services.inference.engine import EngineClosed, InferenceEngine
 from services.inference.service import CompletionBody, InferenceService, ServiceError
@@ -36,43 +36,6 @@ def _readable(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(dict.fromkeys(parts))
 
 
-class _BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses (or tokenizes) it."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        too_big = declared.isdigit() and int(declared) > self.max_bytes
-        chunks: list[bytes] = []
-        received, more = 0, not too_big
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk, more = message.get("body", b""), message.get("more_body", False)
-            received += len(chunk)
-            too_big = received > self.max_bytes
-            more = more and not too_big
-            chunks.append(chunk)
-        if too_big:
-            message = f"request body larger than this server's limit of {self.max_bytes} bytes"
-            return await _error(413, message, "invalid_request_error")(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-
 def create_app(settings: InferenceSettings, *, engine: InferenceEngine | None = None) -> FastAPI:
     """The inference app. `engine` given: served as is (the caller closes it); else built in the lifespan.
 
@@ -91,7 +54,13 @@ def create_app(settings: InferenceSettings, *, engine: InferenceEngine | None = 
 
     app = FastAPI(title="r2vpo inference", lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    too_large = f"request body larger than this server's limit of {settings.max_body_bytes} bytes"
+    app.add_middleware(  # 413 before anything parses (or tokenizes) it; the rest is not read
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        reject=lambda: _error(413, too_large, "invalid_request_error"),
+        drain_factor=0,
+    )
 
     def get_service() -> InferenceService:
         return service

@@ -41,4 +41,4 @@ def main(settings: RewardSettings | None = None) -> None:
     import uvicorn
 
     settings = settings or RewardSettings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

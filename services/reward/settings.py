@@ -1,27 +1,28 @@
-"""Settings of the reward service (env prefix `R2VPO_REWARD_`; unknown keys are errors)."""
+"""Settings of the reward service (env prefix `R2VPO_REWARD_`): unknown keys and unknown `R2VPO_REWARD_*`
+variables are errors naming the key, as for every service (`services.settings.StrictSettings`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.reward.builtins import BUILTINS
+from services.settings import StrictSettings
 
 
-class RewardSettings(BaseSettings):
+class RewardSettings(StrictSettings, env_prefix="R2VPO_REWARD_"):
     """Which scorer the reward service runs and how.
 
     `plugin` is `builtin:<name>` (`reasoning_gym`, `exact_match`, `math_verify`) or `module:function`
     for a user plug-in. `reward_range` is enforced for the built-ins by default; for a user plug-in only
-    when set explicitly (argument or `R2VPO_REWARD_REWARD_RANGE='[lo, hi]'`).
+    when set explicitly (argument or `R2VPO_REWARD_REWARD_RANGE='[lo, hi]'`). The service uses no Redis,
+    so it has no `run`, `redis_url` or `admin_token` (a `ServiceSettings` would accept and ignore them).
     """
-
-    model_config = SettingsConfigDict(env_prefix="R2VPO_REWARD_", extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(8002, ge=0, le=65535)
+    log_level: str = "info"
     plugin: str = "builtin:reasoning_gym"
     dataset: str = "chain_sum"
     dataset_params: dict[str, Any] = Field(default_factory=dict)
