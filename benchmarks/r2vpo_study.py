@@ -67,6 +67,8 @@ def _plain(**changes: Any) -> dict[str, Any]:
     return out
 
 
+_DECOUPLED = {"penalty": "log_ratio", "trust_region": "proximal", "stale_weight_cap": 2.0}
+
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # baselines
     "grpo": ("grpo", {}),
@@ -120,6 +122,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             loss_options={"trust_region": "proximal", "sample_weight": "chi2"},
             grad_clip_penalty=0.5,
         ),
+    ),
+    # decoupled, bounded: penalise Var(log q) of this batch's own drift (feasible at any lag), split clip,
+    # and truncate the stale factor π_prox/π_b of the surrogate's importance weight at 2 (V-trace style)
+    "r2vpo-dec": ("r2vpo", {"loss_options": _DECOUPLED}),
+    "r2vpo-dec-tight": ("r2vpo", {"loss_options": _DECOUPLED, "dual": {"budget": 0.005, "lr": 1.0}}),
+    "r2vpo-dec-mult": (
+        "r2vpo",
+        {
+            "loss_options": _DECOUPLED,
+            "dual": {"mode": "multiplicative", "budget": 0.005, "lr": 0.5, "update_every": "batch"},
+        },
     ),
     # combinations
     "r2vpo-log-split": ("r2vpo", _plain(loss_options={"penalty": "log_ratio"}, grad_clip_penalty=0.5)),

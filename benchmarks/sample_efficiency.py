@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -519,7 +520,10 @@ def _mean_series(runs: Sequence[dict]) -> dict[str, list]:
             continue
         n = min(len(s) for s in per_run)
         out[key] = [_mean(s[i] for s in per_run) for i in range(n)]
-        out[key + "_max"] = [max((s[i] for s in per_run if s[i] is not None), default=None) for i in range(n)]
+        if key == "lam_next":  # the worst seed's λ, for the dynamics plot
+            out[key + "_max"] = [
+                max((s[i] for s in per_run if s[i] is not None), default=None) for i in range(n)
+            ]
     return out
 
 
@@ -1133,6 +1137,36 @@ def collect(specs: list[RunSpec], args: argparse.Namespace, wall_s: float, start
     }
 
 
+def _rounded(obj: Any, digits: int = 5) -> Any:
+    """Floats to ``digits`` significant digits (accuracies are multiples of 1/200; the rest is noise)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
+_SCALAR = r'(?:[-+0-9.eE]+|null|true|false|"[^"\n]*")'
+_SCALAR_LIST = re.compile(r"\[\s*(" + _SCALAR + r"(?:,\s*" + _SCALAR + r")*)\s*\]")
+_FLAT_VALUE = r"(?:" + _SCALAR + r"|\[[^\[\]\n]*\])"
+_FLAT_DICT = re.compile(
+    r'\{\s*("[^"\n]+": ' + _FLAT_VALUE + r'(?:,\s*"[^"\n]+": ' + _FLAT_VALUE + r")*)\s*\}"
+)
+
+
+def _one_line(match: re.Match) -> str:
+    body = ", ".join(part.strip() for part in match.group(1).split(",\n"))
+    return match.group(0)[0] + body + match.group(0)[-1]
+
+
+def dump_results(results: dict) -> str:
+    """results.json text: rounded floats; lists of scalars and flat objects on one line (small to commit)."""
+    text = json.dumps(_rounded(results), indent=1, ensure_ascii=False)
+    return _FLAT_DICT.sub(_one_line, _SCALAR_LIST.sub(_one_line, text)) + "\n"
+
+
 def _first_start(out: Path) -> str | None:
     path = out / "invocations.jsonl"
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -1181,7 +1215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry = {"started": started_at, "wall_s": wall_s, "command": sys.argv, "code": code}
             log.write(json.dumps(entry) + "\n")
     results = collect(specs, args, wall_s, started_at)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (args.out / "results.json").write_text(dump_results(results))
     table = report(results)
     (args.out / "report.md").write_text(table + "\n")
     plots = make_plots(results, args.out)

@@ -181,6 +181,7 @@ def r2vpo_loss(
     sample_weight: str = "none",
     trust_region: str = "behavior",
     proximal_logp: Tensor | None = None,
+    stale_weight_cap: float | None = None,
 ) -> LossOutput:
     """R²VPO: loss = −J + lam·V (DESIGN §5). ``var_level`` picks the unit of the variance; ``center``
     "one" measures V = mean (x − 1)² (mean (log r)² for the log-ratio) instead of around the mean;
@@ -189,7 +190,9 @@ def r2vpo_loss(
     ``sample_weight="chi2"`` multiplies each sample's surrogate by min(1, δ / χ²_i) (needs ``var_budget``);
     ``trust_region="proximal"`` penalises the variance of q = exp(logp − proximal_logp), the ratio to the
     learner's own weights at the start of the batch, while the surrogate keeps the behaviour ratio r as its
-    importance weight (decoupled: staleness is reweighted, only this batch's own drift is constrained)."""
+    importance weight (decoupled: staleness is reweighted, only this batch's own drift is constrained);
+    ``stale_weight_cap`` c (proximal only) bounds that stale part: the surrogate weight becomes
+    q · sg(min(π_prox / π_b, c)), truncated importance sampling of the staleness (V-trace style)."""
     _validate(logp, behavior_logp, advantages, mask)
     if var_level not in VAR_LEVELS:
         raise ValueError(f"unknown var_level {var_level!r}; choose one of: {', '.join(VAR_LEVELS)}")
@@ -211,6 +214,11 @@ def r2vpo_loss(
         raise ValueError(f"unknown trust_region {trust_region!r}; choose one of: {', '.join(TRUST_REGIONS)}")
     if trust_region == "proximal" and (proximal_logp is None or proximal_logp.shape != logp.shape):
         raise ValueError(f"trust_region='proximal' needs proximal_logp of shape {_shape(logp)} like logp")
+    if stale_weight_cap is not None and not (trust_region == "proximal" and stale_weight_cap >= 1):
+        raise ValueError(
+            f"stale_weight_cap needs trust_region='proximal' and a cap >= 1, got {stale_weight_cap} "
+            f"with trust_region={trust_region!r}"
+        )
     if var_level == "group" and (group_ids is None or group_ids.shape != logp.shape[:1]):
         raise ValueError(f"var_level='group' needs group_ids of shape [B] = [{logp.shape[0]}]")
     log_ratio = _log_ratio(logp, behavior_logp, mask)
@@ -220,10 +228,14 @@ def r2vpo_loss(
         unit_log_ratio = masked_mean(log_ratio, mask, dim=1)
     else:
         ratio, unit_mask, unit_log_ratio = torch.exp(log_ratio), mask, log_ratio
+    importance = ratio  # the surrogate's importance weight
     if trust_region == "proximal":  # the penalised ratio q is to the batch-start weights, not the sampler's
         log_q = _log_ratio(logp, proximal_logp, mask)
         unit_log_q = masked_mean(log_q, mask, dim=1) if var_level == "sequence" else log_q
         q = torch.exp(unit_log_q)
+        if stale_weight_cap is not None:  # r = q · (π_prox/π_b): keep q's gradient, truncate the stale factor
+            stale = torch.exp(unit_log_ratio - unit_log_q).detach().clamp(max=stale_weight_cap)
+            importance = q * stale
     else:
         q, unit_log_q = ratio, unit_log_ratio
     x = _penalised(q, unit_log_q, penalty, penalty_clip)
@@ -234,7 +246,7 @@ def r2vpo_loss(
     else:
         x_bar = masked_mean(x, unit_mask)  # not detached: the mean is part of the variance
     weight = _chi2_weight(ratio, unit_mask, var_budget) if sample_weight == "chi2" else None
-    J = masked_mean(ratio * adv if weight is None else weight * ratio * adv, unit_mask)
+    J = masked_mean(importance * adv if weight is None else weight * importance * adv, unit_mask)
     V = masked_mean((x - x_bar) ** 2, unit_mask)
     scale = 1.0 / (1.0 + lam) if normalize_by_lambda else 1.0
     parts = {"surrogate": -J * scale, "penalty": lam * V * scale}
@@ -248,7 +260,7 @@ def r2vpo_loss(
         # sign of the per-unit ascent weight on ∇logp against the advantage's
         dx = q * (q < penalty_clip) if penalty == "truncated" else (q if penalty == "ratio" else 1.0)
         w = 1.0 if weight is None else weight
-        coef = w * ratio * adv - 2 * lam * (x - x_bar) * dx
+        coef = w * importance * adv - 2 * lam * (x - x_bar) * dx
         metrics["sign_flip_frac"] = masked_mean((coef * adv < 0).to(V.dtype), unit_mask)
         if weight is not None:
             rows = unit_mask.any(1) if unit_mask.dim() == 2 else unit_mask

@@ -93,6 +93,44 @@ def test_proximal_trust_region_penalises_the_ratio_to_the_batch_start(batch, lam
     torch.testing.assert_close(out.ratio_var, ((q - q_bar)[mask] ** 2).mean())
 
 
+@settings(max_examples=40, deadline=None)
+@given(batch=batches, lam=lams, seed=st.integers(0, 1000), cap=st.sampled_from([1.0, 1.5, 4.0]))
+def test_stale_weight_cap_truncates_only_the_stale_factor_of_the_importance_weight(batch, lam, seed, cap):
+    logp, behavior, adv, mask = batch
+    g = torch.Generator().manual_seed(seed)
+    proximal = torch.where(
+        mask, logp.detach() + 0.5 * torch.randn(mask.shape, generator=g, dtype=logp.dtype), 0
+    )
+    out = r2vpo_loss(
+        logp, behavior, adv, mask, lam, trust_region="proximal", proximal_logp=proximal, stale_weight_cap=cap
+    )
+    _, adv = ratio_and_adv(logp, behavior, adv, mask)
+    q = torch.exp(torch.where(mask, logp.detach() - proximal, 0.0))
+    stale = torch.exp(torch.where(mask, proximal - behavior, 0.0)).clamp(max=cap)
+    q_bar = q[mask].mean()
+    # −∂loss/∂logp_j = (1/N)·(q_j·c_j·A_j − 2·lam·(q_j − q̄)·q_j), c_j = min(π_prox/π_b, cap) held constant
+    expected = torch.where(mask, q * stale * adv - 2 * lam * (q - q_bar) * q, 0.0) / _n(mask)
+    torch.testing.assert_close(ascent(out.loss, logp), expected)
+    assert out.metrics["surrogate"] == pytest.approx((q * stale * adv)[mask].mean().item(), rel=1e-9)
+
+
+def test_stale_weight_cap_needs_the_proximal_trust_region_and_a_cap_of_at_least_one():
+    logp, behavior, adv, mask = make_batch(2, 3, 4)
+    with pytest.raises(ValueError, match="stale_weight_cap needs trust_region='proximal'"):
+        r2vpo_loss(logp, behavior, adv, mask, 0.1, stale_weight_cap=2.0)
+    with pytest.raises(ValueError, match="cap >= 1"):
+        r2vpo_loss(
+            logp,
+            behavior,
+            adv,
+            mask,
+            0.1,
+            trust_region="proximal",
+            proximal_logp=logp.detach(),
+            stale_weight_cap=0.5,
+        )
+
+
 def test_proximal_equal_to_current_weights_has_no_penalty_gradient():
     logp, behavior, adv, mask = make_batch(3, 4, 6, spread=0.5)
     out = r2vpo_loss(logp, behavior, adv, mask, 3.0, trust_region="proximal", proximal_logp=logp.detach())
