@@ -52,6 +52,9 @@ def train(
     dual_lr: float | None = typer.Option(None, help="R²VPO η_λ: dual ascent step size [default: 0.1]"),
     checkpoint_every: int = typer.Option(0, help="checkpoint every N batches (0: at the end only)"),
     resume: bool = typer.Option(False, help="continue the run in --run-dir from its last checkpoint"),
+    device: str | None = typer.Option(
+        None, help="where the policy trains: cpu | cuda | cuda:N | auto (cuda if available) [default: cpu]"
+    ),
     config: Path | None = typer.Option(None, help="JSON file of a full SyncTrainConfig (flags override)"),
 ) -> None:
     """Train a policy with R²VPO or a baseline objective."""
@@ -75,6 +78,8 @@ def train(
         "checkpoint_every": checkpoint_every,
     }
     learner = base.get("learner", {}) | {"algo": algo, "lr": lr, "updates_per_batch": updates_per_batch}
+    if device is not None:
+        learner["device"] = device
     dual_flags = {"budget": var_budget, "lr": dual_lr}
     if any(v is not None for v in dual_flags.values()):
         learner["dual"] = learner.get("dual", {}) | {k: v for k, v in dual_flags.items() if v is not None}
@@ -83,9 +88,11 @@ def train(
         task_cfg["params"] = {}
     try:
         cfg = SyncTrainConfig.model_validate(base | overrides | {"learner": learner, "task": task_cfg})
+        from trainer.device import resolve_device
         from trainer.losses import get_loss
 
         get_loss(cfg.learner.algo)
+        resolve_device(cfg.learner.device)  # a GPU that is not there: refused before any work
     except (ValidationError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"run directory: {cfg.run_dir}")
@@ -142,6 +149,15 @@ def _load_service(name: str) -> tuple[type, object]:
     return InferenceSettings, create_app
 
 
+def _refusals(name: str) -> tuple[type[Exception], ...]:
+    """Errors with which a service refuses to start on this machine: a message, not a traceback (exit 2)."""
+    if name == "learner":
+        from trainer.device import DeviceUnavailable  # learner.device names a GPU that is not there
+
+        return (DeviceUnavailable,)
+    return ()
+
+
 @app.command()
 def serve(
     service: str = typer.Argument(..., help="inference | reward | rollout | learner | dashboard"),
@@ -165,7 +181,10 @@ def serve(
         _fail(f"invalid {service} settings:\n{exc}")
     log_level = str(getattr(settings, "log_level", "info")).lower()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    application = create_app(settings)
+    try:
+        application = create_app(settings)
+    except _refusals(service) as exc:
+        _fail(f"the {service} cannot start: {exc}")
     uvicorn.run(
         application,
         host=settings.host,

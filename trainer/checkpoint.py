@@ -7,6 +7,9 @@ half checkpoint that looks complete):
     optimizer.pt        torch.save of optimizer.state_dict() — loaded with weights_only=True
     rng.pt              torch CPU RNG state — loaded with weights_only=True
     trainer_state.json  version, step, dual state, counters, python RNG state
+
+Everything is written from CPU tensors (a learner on a GPU included) and read onto the CPU first, so a
+checkpoint resumes on any device: the optimizer moves its state to its parameters' device as it loads.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.device import to_cpu
 
 LATEST = "latest"
 
@@ -38,7 +43,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     policy.save(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(to_cpu(optimizer.state_dict()), tmp / "optimizer.pt")
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
     payload = dict(state, python_rng=_encode_rng(rng.getstate()))
     (tmp / "trainer_state.json").write_text(json.dumps(payload, indent=1))
@@ -61,8 +66,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, rng: random.Random) -> dict[str, Any]:
     """Restore optimizer and RNG state in place; returns the saved counters (version, step, dual, ...)."""
     state = json.loads((path / "trainer_state.json").read_text())
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True, map_location="cpu"))
     rng.setstate(_decode_rng(state.pop("python_rng")))
     return state
 

@@ -10,21 +10,27 @@ resolved values); anything the input sets explicitly wins over them.
 When the loss returns its two parts (R²VPO: surrogate and λ·penalty) and λ > 0, the learner backpropagates
 them separately to log the pre-clip gradient norm of each (``grad_norm_surrogate``, ``grad_norm_penalty``);
 with ``grad_clip_penalty`` set it also clips each part to its own norm (surrogate to ``grad_clip``) and sums.
+
+An update with NaN/inf inputs, log-probs, loss, V̂ or gradient norm is never applied, nor are the batch's later
+ones. If none was applied, ``train_on`` reports the batch skipped (``StepResult.skipped``, ``skip_reason``):
+weights, optimizer, λ, version and step unchanged, groups not kept for replay; the caller decides (the service
+dead-letters them, the sync trainer moves on). Else the batch is trained and its metrics count the skip.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from client.schemas import TrajectoryGroup
 from trainer.advantages import group_advantages
+from trainer.device import check_device_spec, resolve_device
 from trainer.dual import DualAscent
 from trainer.losses import get_loss, masked_mean
 from trainer.replay import ReplayBuffer, ReplayConfig
@@ -91,6 +97,12 @@ class LearnerConfig(BaseModel):
     loss_options: dict[str, Any] = Field(default_factory=dict, description="extra keywords of the loss")
     staleness: StalenessConfig = Field(default_factory=StalenessConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    device: str = Field("cpu", description="where the policy trains: cpu | cuda | cuda:N | auto")
+
+    @field_validator("device")
+    @classmethod
+    def _device_spec(cls, value: str) -> str:
+        return check_device_spec(value)  # spelling only: whether it exists is checked at start
 
     @model_validator(mode="before")
     @classmethod
@@ -124,12 +136,18 @@ class Batch:
     group_index: torch.Tensor  # [B] long
     zero_var_groups: int
 
+    def to(self, device: torch.device) -> Batch:
+        names = ("behavior_logp", "mask", "advantages", "rewards", "lags", "group_index")
+        return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in names})
+
 
 @dataclass
 class StepResult:
     metrics: dict[str, Any]
     trained: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # not applied: the batch's update was not finite
+    skip_reason: str | None = None
 
 
 def build_batch(groups: list[TrajectoryGroup], version: int, advantage: str) -> Batch:
@@ -171,6 +189,10 @@ class Learner:
     """Owns the optimizer, the dual variable and the version counter of one policy."""
 
     def __init__(self, policy: Any, config: LearnerConfig, *, seed: int = 0) -> None:
+        self.device = resolve_device(config.device)  # DeviceUnavailable before anything is built
+        if getattr(policy, "device", self.device) != self.device:  # callers load it there; else move it
+            policy.model.to(self.device)
+            policy.device = self.device
         self.policy = policy
         self.config = config
         self.loss_fn = get_loss(config.algo)
@@ -208,7 +230,6 @@ class Learner:
             admitted = informative
         self.replay.evict_older_than(self.version)
         replayed = self.replay.sample(self.rng, exclude={g.group_id for g in admitted}) if admitted else []
-        self.replay.add(admitted)
         batch_groups = admitted + replayed
         metrics: dict[str, Any] = {
             "groups_in": len(groups),
@@ -218,8 +239,18 @@ class Learner:
         if not batch_groups:
             metrics["version"] = self.version
             return StepResult(metrics=metrics, dropped=[g.group_id for g in dropped])
-        batch = build_batch(batch_groups, self.version, self.config.advantage)
-        metrics |= self._update(batch)
+        try:
+            batch = build_batch(batch_groups, self.version, self.config.advantage).to(self.device)
+        except ValueError as exc:  # data no float32 batch can hold, e.g. rewards beyond its range
+            reason = f"non-finite batch: {exc} (step {self.step}, version {self.version})"
+            metrics |= {"updates_applied": 0, "nonfinite_updates": 1, "nonfinite_reason": reason}
+        else:
+            metrics |= self._update(batch)
+        if not metrics["updates_applied"]:  # nothing applied: not trained, not kept for replay
+            metrics["version"] = self.version
+            ids, stale = [g.group_id for g in admitted], [g.group_id for g in dropped]
+            return StepResult(metrics, dropped=stale, skipped=ids, skip_reason=metrics["nonfinite_reason"])
+        self.replay.add(admitted)
         metrics |= {
             "version": self.version,
             "step": self.step,
@@ -230,14 +261,14 @@ class Learner:
             "staleness_histogram": staleness_histogram(batch.lags.tolist()),
             "learner_s": time.perf_counter() - started,
         }
-        metrics["learner_tokens_per_s"] = (
-            metrics["tokens"] * self.config.updates_per_batch / metrics["learner_s"]
-        )
+        tokens_trained = metrics["tokens"] * metrics["updates_applied"]
+        metrics["learner_tokens_per_s"] = tokens_trained / metrics["learner_s"]
         return StepResult(
             metrics=metrics, trained=[g.group_id for g in admitted], dropped=[g.group_id for g in dropped]
         )
 
     def _update(self, batch: Batch) -> dict[str, Any]:
+        """The batch's optimizer steps, up to the first non-finite one (not applied, `nonfinite_reason`)."""
         cfg = self.config
         weights = lag_weights(batch.lags, cfg.staleness.lag_decay)
         adv = (batch.advantages * weights)[:, None].expand_as(batch.behavior_logp)
@@ -246,11 +277,15 @@ class Learner:
         variances: list[torch.Tensor] = []
         metrics: dict[str, Any] = {}
         proximal: torch.Tensor | None = None
-        for update in range(cfg.updates_per_batch):
+        inputs = {"advantages": adv[batch.mask], "behaviour log-probs": batch.behavior_logp[batch.mask]}
+        applied, what = 0, _first_nonfinite(inputs)  # e.g. rewards or log-probs beyond float32's range
+        for update in range(cfg.updates_per_batch if what is None else 0):
             lam = self.dual.lam if uses_dual else 0.0
             out = self.policy.token_logprobs(
                 batch.prompt_ids, batch.completion_ids, temperature=cfg.temperature, with_entropy=True
             )
+            if (what := _first_nonfinite({"log-probs of the policy": out.logp[batch.mask]})) is not None:
+                break
             if proximal is None:
                 proximal = out.logp.detach()  # the batch-start weights: the proximal policy
             result = self.loss_fn(
@@ -266,8 +301,11 @@ class Learner:
             )
             self.optimizer.zero_grad(set_to_none=True)
             grad_metrics = self._backward(result, lam)
-            if not math.isfinite(grad_metrics["grad_norm"]):
-                raise FloatingPointError(f"non-finite gradient norm at step {self.step}; update skipped")
+            parts = {"gradient norm": grad_metrics["grad_norm"], "loss": result.loss.detach()}
+            parts["ratio variance"] = result.ratio_var if uses_dual else None  # what the dual step reads
+            if (what := _first_nonfinite(parts)) is not None:
+                self.optimizer.zero_grad(set_to_none=True)  # the poisoned gradients never reach the weights
+                break
             self.optimizer.step()
             if uses_dual and result.ratio_var is not None:
                 if per_batch_dual:
@@ -276,6 +314,7 @@ class Learner:
                     self.dual.update(result.ratio_var)
             self.version += 1
             self.step += 1
+            applied += 1
             if update == 0:
                 metrics |= self._first_update_metrics(out, batch, weights)
             metrics |= result.metrics
@@ -285,6 +324,10 @@ class Learner:
         metrics["lam_next"] = self.dual.lam if uses_dual else 0.0
         if uses_dual and self.dual.smoothed_var is not None:
             metrics["dual_var"] = self.dual.smoothed_var
+        metrics |= {"updates_applied": applied, "nonfinite_updates": int(what is not None)}
+        if what is not None:
+            where = f"step {self.step}, version {self.version}, update {applied + 1}/{cfg.updates_per_batch}"
+            metrics["nonfinite_reason"] = f"non-finite {what} ({where})"
         return metrics
 
     def _backward(self, result: Any, lam: float) -> dict[str, float]:
@@ -344,3 +387,11 @@ class Learner:
                 }
             metrics["per_lag"] = per_lag
         return metrics
+
+
+def _first_nonfinite(values: dict[str, torch.Tensor | float | None]) -> str | None:
+    """The name of the first value holding a NaN or inf (None: not checked)."""
+    for name, value in values.items():
+        if value is not None and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            return name
+    return None

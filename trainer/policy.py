@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from trainer.device import to_cpu
+
 if TYPE_CHECKING:
     from trainer.task import Problem, Task
 
@@ -106,10 +108,11 @@ class Policy:
         return cls(model, tokenizer, device=device)
 
     def save(self, path: str | Path) -> None:
-        """Write model (safetensors) and tokenizer in HF format, loadable by transformers and vLLM."""
+        """Write model (safetensors, from CPU copies of the weights) and tokenizer in HF format, loadable by
+        transformers and vLLM on any machine."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
+        self.model.save_pretrained(path, state_dict=to_cpu(self.model.state_dict()), safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         _portable_tokenizer_config(path / "tokenizer_config.json")
 

@@ -27,6 +27,16 @@ class LearnerMetrics:
         self.dropped = Counter(
             "r2vpo_learner_groups_dropped_total", "Groups dropped as too stale", registry=r
         )
+        self.nonfinite = Counter(
+            "r2vpo_learner_nonfinite_updates_total",
+            "Updates not applied because their inputs, log-probs, loss or gradient were NaN/inf",
+            registry=r,
+        )
+        self.dead_lettered_groups = Counter(
+            "r2vpo_learner_groups_dead_lettered_total",
+            "Groups the learner sent to dead letter because their batch's update was not finite",
+            registry=r,
+        )
         self.queue_length = Gauge("r2vpo_queue_length", "Entries in the trajectory stream", registry=r)
         self.queue_pending = Gauge("r2vpo_queue_pending", "Delivered, unacknowledged entries", registry=r)
         self.dead_lettered = Gauge(
@@ -48,8 +58,15 @@ class LearnerMetrics:
         for lag, samples in lags.items():
             self.trained.labels(lag=str(lag)).inc(samples / group_size)
         self.dropped.inc(record.get("groups_dropped", 0))
+        self.nonfinite.inc(record.get("nonfinite_updates", 0))
         if "publish_s" in record:
             self.publish.observe(record["commit_s"])
+
+    def observe_skipped(self, dead_lettered: int, dropped: int) -> None:
+        """A batch not applied (its first update was not finite): no step, its groups dead-lettered."""
+        self.nonfinite.inc()
+        self.dead_lettered_groups.inc(dead_lettered)
+        self.dropped.inc(dropped)
 
     def observe_queue(self, accounting: dict[str, int], length: int) -> None:
         self.queue_length.set(length)

@@ -20,6 +20,13 @@ retried idempotently (group ids already in the trained set are not acknowledged 
 longer than `redis_retries` allow, the loop fails and the process exits for its supervisor to restart it.
 On stop (SIGTERM) the step in flight finishes and is committed; a batch still being collected is not
 trained and stays pending in Redis for the next learner.
+
+A batch whose update is not finite (NaN/inf; `trainer.learner`) is not applied (weights, optimizer, version
+unchanged) and its groups are dead-lettered at once (`_dead_letter`): a record with the reason and the group
+in the dead-letter stream, then settled as dropped (`dropped:non-finite update`, in the dropped set, so never
+trained later); the learner warns, counts them and goes on with the next batch. Settling them before any
+checkpoint is safe because they changed nothing; a crash between record and settle leaves them pending, to be
+read and skipped again (a second record, counters exact).
 """
 
 from __future__ import annotations
@@ -32,26 +39,27 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from pydantic import Field, field_validator
 
 from client.schemas import TrajectoryGroup
 from services.learner.metrics import LearnerMetrics
+from services.learner.recovery import cut_metrics_rows, same_step
+from services.learner.settings import LearnerSettings
 from services.queue import TRANSIENT, Delivery, QueueUnavailable, TrajectoryQueue, connect_redis, with_retry
-from services.settings import ServiceSettings
 from services.weights import WeightStore
 from trainer.checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
-from trainer.learner import Learner, LearnerConfig
+from trainer.device import resolve_device, to_cpu
+from trainer.learner import Learner, StepResult
 from trainer.policy import Policy, greedy_accuracy
-from trainer.task import Task, TaskConfig
+from trainer.task import Task
 
 log = logging.getLogger("r2vpo.learner")
 T = TypeVar("T")
 FAILPOINTS_ENV = "R2VPO_FAILPOINTS"
 STALE_REASON = "stale beyond max_lag"
+NONFINITE_REASON = "non-finite update"  # the `dropped:<reason>` counter of dead-lettered batches
 
 
 def failpoint(name: str, version: int) -> None:
@@ -62,39 +70,9 @@ def failpoint(name: str, version: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class LearnerSettings(ServiceSettings, env_prefix="R2VPO_LEARNER_"):
-    port: int = 8004
-    model: Path | None = Field(None, description="initial HF model directory; None = embedded tiny policy")
-    run_dir: Path = Path("runs/async")
-    weights_dir: Path | None = Field(None, description="weight store; default <run_dir>/weights")
-    weights_base_url: str | None = Field(None, description="serve weights over HTTP at this base URL")
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    groups_per_step: int = Field(16, ge=1)
-    commit_every: int = Field(1, ge=1, description="checkpoint + publish + ack every N steps")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many learner steps")
-    eval_every: int = Field(25, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
-    read_block_ms: int = Field(500, ge=1)
-    reclaim_idle_ms: int = Field(30_000, ge=100, description="take over pending groups idle this long")
-    consumer: str = "learner-0"
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch default")
-    redis_retries: int = Field(
-        30, ge=1, description="attempts per Redis operation (backoff 0.2 s doubling to 2 s) before giving up"
-    )
-    seed: int = 0
-
-    @field_validator("learner")
-    @classmethod
-    def _known_algo(cls, value: LearnerConfig) -> LearnerConfig:
-        from trainer.losses import get_loss
-
-        get_loss(value.algo)  # ValueError naming the choices
-        return value
-
-
 class LearnerService:
     def __init__(self, settings: LearnerSettings) -> None:
+        device = resolve_device(settings.learner.device)  # DeviceUnavailable before anything is loaded
         self.settings = settings
         self.run_dir = settings.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -104,16 +82,19 @@ class LearnerService:
         self.task = Task(settings.task)
         self.rng = random.Random(settings.seed)
         checkpoint = latest_checkpoint(self.ckpt_root)
-        model_dir = checkpoint / "model" if checkpoint else _initial_model(settings)
+        model_dir = checkpoint / "model" if checkpoint else settings.initial_model()
         torch.manual_seed(settings.seed)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.policy = Policy.from_pretrained(model_dir)
+        self.policy = Policy.from_pretrained(model_dir, device=device)
+        log.info("training on %s (learner.device %r)", device, settings.learner.device)
         self.learner = Learner(self.policy, settings.learner, seed=settings.seed)
         self.counters: dict[str, Any] = {
             "rollouts_consumed": 0,
             "groups_trained": 0,
             "groups_dropped": 0,
+            "groups_dead_lettered": 0,  # groups of batches whose update was not finite
+            "batches_skipped_nonfinite": 0,
             "staleness_histogram": {},
         }
         self.accuracy: float | None = None
@@ -129,7 +110,7 @@ class LearnerService:
         self.uncommitted: list[Delivery] = []
         self.uncommitted_dropped: list[Delivery] = []
         self.last_metrics: dict[str, Any] = {}
-        self.rows = 0  # rows in metrics.jsonl (set by `_recover_rows`)
+        self.rows = 0  # rows in metrics.jsonl (set by `_recover`)
         self.last_stream_id = "0-0"  # id of the last entry this learner appended to the metrics stream
         self.own_pending = True  # first, take back what this consumer held before a crash
         self.backlog: list[Delivery] = []  # groups taken back, not yet trained
@@ -146,6 +127,7 @@ class LearnerService:
             "lam": self.learner.dual.lam,
             "algo": self.settings.learner.algo,
             "accuracy": self.accuracy,
+            "device": str(self.policy.device),
             **self.counters,
         }
 
@@ -179,34 +161,17 @@ class LearnerService:
         state, self.resumed = self.resumed or {}, None
         if "metrics_rows" not in state and state:
             return  # a checkpoint written before rows were tracked: leave everything as it is
-        self._recover_rows(state)
+        self.rows = cut_metrics_rows(self.run_dir / "metrics.jsonl", state)
         unacked = state.get("unacked", {})
         await self._settle(unacked.get("trained", []), unacked.get("dropped", []))
         await self._recover_stream(state)
-
-    def _recover_rows(self, state: dict[str, Any]) -> None:
-        """Cut metrics.jsonl back to the rows the checkpoint covers (none without a checkpoint)."""
-        path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        keep_n, row = int(state.get("metrics_rows", 0)), state.get("metrics_row")
-        kept = [line for line in lines[:keep_n] if line.endswith("\n")]
-        if row is not None:
-            after = lines[keep_n] if len(lines) > keep_n else ""
-            written = after.endswith("\n") and _same_step(_parse(after), row)
-            kept.append(after if written else json.dumps(row) + "\n")
-        if kept != lines:
-            log.warning("metrics.jsonl: rows of rolled-back steps removed (%d -> %d)", len(lines), len(kept))
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(path)  # atomic: a reader sees the old file or the new one (a new epoch)
-        self.rows = len(kept)
 
     async def _recover_stream(self, state: dict[str, Any]) -> None:
         """Delete metrics-stream entries of rolled-back steps; restore the checkpointed step's entry."""
         assert self.queue is not None
         queue, after, row = self.queue, state.get("metrics_stream_id", "0-0"), state.get("metrics_row")
         entries = await self._redis(lambda: queue.read_metrics(after, count=100_000))
-        keep = entries[:1] if entries and row is not None and _same_step(entries[0][1], row) else []
+        keep = entries[:1] if entries and row is not None and same_step(entries[0][1], row) else []
         doomed = [entry_id for entry_id, _ in entries[len(keep) :]]
         if doomed:
             log.warning("metrics stream: %d entries of rolled-back steps removed", len(doomed))
@@ -226,13 +191,8 @@ class LearnerService:
         queue = self.queue
 
         async def missing(key: str, pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
-            if not pairs:
-                return []
-            async with queue.redis.pipeline(transaction=False) as pipe:
-                for _, group_id in pairs:
-                    pipe.sismember(key, group_id)
-                present = await pipe.execute()
-            return [(e, g) for (e, g), p in zip(pairs, present, strict=True) if not p]
+            absent = await self._absent(key, [g for _, g in pairs])
+            return [(e, g) for e, g in pairs if g in absent]
 
         async def once() -> None:
             todo = await missing(queue.keys.trained, trained)
@@ -244,6 +204,42 @@ class LearnerService:
                 await queue.drop(stubs, reason=STALE_REASON)
 
         await self._redis(once)
+
+    async def _absent(self, key: str, group_ids: Sequence[str]) -> set[str]:
+        """The group ids that are not members of the set `key` (one pipelined round trip)."""
+        assert self.queue is not None
+        if not group_ids:
+            return set()
+        async with self.queue.redis.pipeline(transaction=False) as pipe:
+            for group_id in group_ids:
+                pipe.sismember(key, group_id)
+            present = await pipe.execute()
+        return {g for g, p in zip(group_ids, present, strict=True) if not p}
+
+    async def _dead_letter(self, deliveries: list[Delivery], result: StepResult) -> dict[str, Any]:
+        """A batch whose update was not finite: its groups to the dead-letter stream (module doc)."""
+        assert self.queue is not None
+        queue, skipped, stale = self.queue, set(result.skipped), set(result.dropped)
+        poisoned = [d for d in deliveries if d.group.group_id in skipped]
+        reason = f"{result.skip_reason}; the batch was not applied"
+        log.warning("%s: %d groups dead-lettered, training goes on", reason, len(poisoned))
+
+        async def once() -> None:
+            absent = await self._absent(queue.keys.dropped, list(skipped))
+            todo = [d for d in poisoned if d.group.group_id in absent]
+            for d in todo:
+                payload = d.group.model_dump_json()
+                await queue.dead_letter(payload, reason, group_id=d.group.group_id, produced=False)
+            if todo:
+                await queue.drop(todo, reason=NONFINITE_REASON)
+
+        await self._redis(once)
+        await self._settle([], [[d.entry_id, g] for d in deliveries if (g := d.group.group_id) in stale])
+        self.counters["groups_dropped"] += len(stale)
+        self.counters["groups_dead_lettered"] += len(poisoned)
+        self.counters["batches_skipped_nonfinite"] += 1
+        self.metrics.observe_skipped(len(poisoned), len(stale))
+        return result.metrics | {"skipped": reason, "groups_dead_lettered": len(poisoned)}
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -283,6 +279,8 @@ class LearnerService:
     async def train_step(self, deliveries: list[Delivery]) -> dict[str, Any]:
         groups = [d.group for d in deliveries]
         result = await asyncio.to_thread(self.learner.train_on, groups)
+        if result.skipped:  # not applied: no step, no metrics row, no commit
+            return await self._dead_letter(deliveries, result)
         trained, dropped = set(result.trained), set(result.dropped)
         self.uncommitted += [d for d in deliveries if d.group.group_id in trained]
         self.uncommitted_dropped += [d for d in deliveries if d.group.group_id in dropped]
@@ -295,6 +293,7 @@ class LearnerService:
         record = {
             **result.metrics,
             "rollouts_consumed": self.counters["rollouts_consumed"],
+            "batches_skipped_nonfinite": self.counters["batches_skipped_nonfinite"],
             "wall_s": time.time() - self.started,
             "time": time.time(),
         }
@@ -361,7 +360,7 @@ class LearnerService:
         assert self.queue is not None
         queue = self.queue
         started = time.perf_counter()
-        state_dict = {k: v.detach().cpu() for k, v in self.policy.model.state_dict().items()}
+        state_dict = to_cpu(self.policy.model.state_dict())
         announcement = await asyncio.to_thread(self.store.publish, self.learner.version, state_dict)
         await self._redis(lambda: queue.announce(announcement))
         await asyncio.to_thread(self.store.prune, 4)
@@ -388,26 +387,7 @@ class LearnerService:
             "staleness_histogram": {int(k): v for k, v in self.counters["staleness_histogram"].items()},
             "groups_trained": self.counters["groups_trained"],
             "groups_dropped": self.counters["groups_dropped"],
+            "groups_dead_lettered": self.counters["groups_dead_lettered"],
+            "batches_skipped_nonfinite": self.counters["batches_skipped_nonfinite"],
             "stopped_early": self.stopped,
         }
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _same_step(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    """The same learner step (a row of metrics.jsonl or the metrics stream vs the checkpointed row)."""
-    return a is not None and (a.get("step"), a.get("version")) == (b.get("step"), b.get("version"))
-
-
-def _initial_model(settings: LearnerSettings) -> Path:
-    if settings.model is not None:
-        return settings.model
-    from trainer.tiny import ensure_default_policy
-
-    return ensure_default_policy(task_cfg=settings.task, progress=False)

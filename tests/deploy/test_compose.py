@@ -277,6 +277,16 @@ def test_gpu_profile_runs_vllm_on_a_reserved_gpu_with_the_named_model(renders, e
     assert services["model-init-gpu"]["environment"]["R2VPO_MODEL"] == model
 
 
+def test_learner_trains_on_a_reserved_gpu_in_the_gpu_profile_and_on_cpu_otherwise(renders):
+    gpu, cpu = renders[("gpu",)]["services"]["learner-gpu"], renders[("cpu",)]["services"]["learner"]
+    assert gpu["environment"]["R2VPO_LEARNER_LEARNER__DEVICE"] == "cuda"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
+    assert gpu["build"]["target"] == "gpu"
+    assert cpu["environment"]["R2VPO_LEARNER_LEARNER__DEVICE"] == "cpu"
+
+
 def test_gpu_profile_reads_the_model_from_a_read_only_host_directory(renders, env_file):
     """The user's model directory, bind-mounted read-only at /models; no volume a download could fill."""
     config = renders[("gpu",)]

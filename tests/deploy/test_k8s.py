@@ -323,6 +323,16 @@ def test_gpu_overlay_puts_vllm_inference_on_a_gpu_node(renders):
     assert container_env(docs, learner)["R2VPO_LEARNER_MODEL"] == env["R2VPO_INFERENCE_MODEL"]
 
 
+def test_learner_trains_on_its_own_gpu_in_the_gpu_overlay_and_on_cpu_in_the_cpu_overlay(renders):
+    for overlay, device in (("gpu", "cuda"), ("cpu", "cpu")):
+        pod = objects(renders[overlay], "Deployment")["learner"]["spec"]["template"]["spec"]
+        learner = next(c for c in pod["containers"] if c["name"] == "learner")
+        assert container_env(renders[overlay], learner)["R2VPO_LEARNER_LEARNER__DEVICE"] == device
+        gpus = str(learner["resources"]["limits"].get("nvidia.com/gpu"))
+        on_gpu_node = bool(pod.get("nodeSelector")) and bool(pod.get("tolerations"))
+        assert (gpus, on_gpu_node) == (("1", True) if device == "cuda" else ("None", False))
+
+
 MODELS_CLAIM = "r2vpo-models"
 
 
