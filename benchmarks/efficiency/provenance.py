@@ -5,30 +5,19 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import subprocess
-from pathlib import Path
 from typing import Any
+
+from host import cpu_model, usable_cores
+from host import git as run_git
 
 from efficiency import REPO
 
 
 def machine_facts() -> dict[str, Any]:
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     facts: dict[str, Any] = {
-        "nproc": nproc,
+        "nproc": usable_cores(),
         "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -45,11 +34,7 @@ def machine_facts() -> dict[str, Any]:
 
 def git_facts() -> dict[str, Any]:
     def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
+        return run_git(REPO, *args)
 
     status = git("status", "--porcelain", "--untracked-files=no")
     trainer_status = git("status", "--porcelain", "--untracked-files=no", "--", "trainer")

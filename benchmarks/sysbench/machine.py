@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import subprocess
-from pathlib import Path
 from typing import Any
 
+from ..host import cpu_model, usable_cores
+from ..host import git as run_git
 from .config import REPO
 
 
@@ -17,22 +17,12 @@ def loadavg() -> list[float] | None:
 
 
 def machine_facts(device: str) -> dict[str, Any]:
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    try:
-        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import psutil
     import torch
 
     facts: dict[str, Any] = {
-        "nproc": nproc,
-        "cpu_model": cpu_model,
+        "nproc": usable_cores(),
+        "cpu_model": cpu_model(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "loadavg": loadavg(),
         "platform": platform.platform(),
@@ -53,11 +43,7 @@ def machine_facts(device: str) -> dict[str, Any]:
 
 def git_facts() -> dict[str, Any]:
     def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
+        return run_git(REPO, *args)
 
     status = git("status", "--porcelain")
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None}
