@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from benchmarks.host import cpu_model, git
 from benchmarks.loadtest import REPO
 
 SECTION = "## Load"
@@ -35,20 +35,12 @@ def checks(results: dict[str, Any]) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []  # fmt: skip
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO, timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": models[0] if models else platform.processor(),
+        "cpu_model": cpu_model() or platform.processor(),
         "python": platform.python_version(),
-        "git_commit": commit,
+        "git_commit": git(REPO, "rev-parse", "--short", "HEAD") or "",
         "load_avg_1m_at_start": load,
     }
 
