@@ -9,6 +9,8 @@ Accounting identity, computable from Redis alone (see `TrajectoryQueue.accountin
     produced = trained + dead_lettered + dropped + duplicates_skipped + pending
 where each stream entry is counted once by the step that XACKs it (XACK's reply decides, so two learners
 settling the same entry count it once). `duplicates_skipped` is 0 unless a producer pushed a group twice.
+A delivered group that must never be trained (its update was not finite) is dead-lettered from the stream
+(`dead_letter_deliveries`) and its id kept in the dead-lettered set, next to the trained and dropped sets.
 
 Alongside (and re-exported here, where callers import them from): connecting and retrying in
 `services.redis_client`; key names, weight announcements, metrics and state in `services.run_store`,
@@ -74,6 +76,26 @@ if repeated > 0 and ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[3], r
 return {acked, repeated}
 """
 
+# Atomic, idempotent dead-lettering of delivered entries: each entry whose XACK succeeds gets its group id in
+# the dead-lettered set, a record in the dead-letter stream and one `dead_lettered` count; an entry already
+# acked (a retry after a lost reply, or another consumer settled it) gets nothing. KEYS: stream, counters,
+# dead-lettered set, dead-letter stream. ARGV: group, reason, time, then (entry id, group id, data) triples.
+_DEAD_LETTER = """
+local settled = 0
+for i = 4, #ARGV, 3 do
+  local entry, gid = ARGV[i], ARGV[i + 1]
+  if redis.call('XACK', KEYS[1], ARGV[1], entry) > 0 then
+    redis.call('SADD', KEYS[3], gid)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', '10000', '*', 'reason', ARGV[2], 'group_id', gid,
+               'data', ARGV[i + 2], 'entry_id', entry, 'time', ARGV[3])
+    settled = settled + 1
+  end
+  redis.call('XDEL', KEYS[1], entry)
+end
+if settled > 0 then redis.call('HINCRBY', KEYS[2], 'dead_lettered', settled) end
+return settled
+"""
+
 
 @dataclass
 class Delivery:
@@ -113,6 +135,7 @@ class TrajectoryQueue(RunStore):
         self.consumer = consumer
         self.group_name, self.max_len = group_name, max_len
         self._settle_script = redis.register_script(_SETTLE)
+        self._dead_letter_script = redis.register_script(_DEAD_LETTER)
         self._inflight: set[str] = set()  # entries delivered to this consumer and not yet settled
         self._claim_cursor = "0-0"
 
@@ -237,12 +260,12 @@ class TrajectoryQueue(RunStore):
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for d in valid:
-                pipe.sismember(self.keys.trained, d.group.group_id)
-                pipe.sismember(self.keys.dropped, d.group.group_id)
+                for key in (self.keys.trained, self.keys.dropped, self.keys.dead_lettered):
+                    pipe.sismember(key, d.group.group_id)
             flags = await pipe.execute()
         fresh, seen, dups = [], set(), []
         for k, d in enumerate(valid):
-            if flags[2 * k] or flags[2 * k + 1] or d.group.group_id in seen:
+            if any(flags[3 * k : 3 * k + 3]) or d.group.group_id in seen:
                 dups.append(d.entry_id)
             else:
                 seen.add(d.group.group_id)
@@ -289,6 +312,23 @@ class TrajectoryQueue(RunStore):
         ids, gids = [d.entry_id for d in deliveries], [d.group.group_id for d in deliveries]
         acked, _ = await self._settle(ids, gids, self.keys.dropped, "dropped", "", f"dropped:{reason}")
         return acked
+
+    async def dead_letter_deliveries(self, deliveries: Sequence[Delivery], reason: str) -> int:
+        """Settle delivered groups that must never be trained (e.g. their update was not finite), in one
+        atomic step: for each entry that this XACK acknowledges, add its group id to the `dead_lettered` set
+        (a later copy is skipped as a duplicate), write a dead-letter record (reason, group id, group JSON,
+        entry id) and count `dead_lettered`; XDEL the entries. Idempotent: an entry already acknowledged (a
+        retry after a lost reply, or another learner settled it) changes nothing, so each entry is counted
+        once. Returns the entries dead-lettered by this call."""
+        if not deliveries:
+            return 0
+        args: list[str] = [self.group_name, reason, repr(time.time())]
+        for d in deliveries:
+            args += [d.entry_id, d.group.group_id, d.group.model_dump_json()]
+        keys = [self.keys.trajectories, self.keys.counters, self.keys.dead_lettered, self.keys.deadletter]
+        settled = await self._dead_letter_script(keys=keys, args=args)
+        self._inflight.difference_update(d.entry_id for d in deliveries)
+        return int(settled)
 
     async def trained_ids(self) -> set[str]:
         return {as_str(m) for m in await self.redis.smembers(self.keys.trained)}

@@ -28,12 +28,13 @@ class RedisKeys:
     state: str = field(init=False)  # hash: learner version, λ, …
     trained: str = field(init=False)  # set of trained group ids
     dropped: str = field(init=False)  # set of group ids the learner chose not to train
+    dead_lettered: str = field(init=False)  # set of group ids dead-lettered from the stream (not trainable)
     counters: str = field(init=False)  # hash: produced, trained, dead_lettered, dropped, …
 
     def __post_init__(self) -> None:
         suffixes = {"weights_channel": "weights", "weights_latest": "weights:latest"}
         for name in ("trajectories", "deadletter", "weights_channel", "weights_latest", "metrics", "state",
-                     "trained", "dropped", "counters"):  # fmt: skip
+                     "trained", "dropped", "dead_lettered", "counters"):  # fmt: skip
             object.__setattr__(self, name, f"r2vpo:{self.run}:{suffixes.get(name, name)}")
 
 

@@ -8,6 +8,9 @@ all come from the initial policy, so their lag ramps up from 0.
 A batch whose update is not finite (NaN/inf, see `trainer.learner`) is not applied: it is logged, counted in
 `skipped_batches` / `skipped_groups` (every later metrics row and the summary) and the run goes on with the
 next batch; it still counts towards `steps`, so a run always ends. It writes no metrics row (rows are steps).
+After `max_consecutive_nonfinite` such batches in a row (the weights have diverged, or every batch is bad) the
+run is aborted with `NonFiniteStreak` (`trainer.circuit`) naming the count and the last reason; an applied
+batch resets the count.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
+from trainer.circuit import NonFiniteCircuit, NonFiniteStreak
 from trainer.device import resolve_device
 from trainer.learner import Learner, LearnerConfig
 from trainer.policy import Policy, greedy_accuracy
@@ -49,6 +53,9 @@ class SyncTrainConfig(BaseModel):
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
+    max_consecutive_nonfinite: int = Field(
+        5, ge=1, description="abort the run after this many batches in a row whose update was not finite"
+    )
     seed: int = 0
 
 
@@ -67,6 +74,7 @@ def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None
     policy = Policy.from_pretrained(model_dir, device=device)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     learner = Learner(policy, cfg.learner, seed=cfg.seed)
+    circuit = NonFiniteCircuit(cfg.max_consecutive_nonfinite)
     counters = {"rollouts_generated": 0, "rollouts_consumed": 0, "dropped_groups": 0}
     counters |= {"skipped_batches": 0, "skipped_groups": 0}
     batches_done = 0
@@ -115,11 +123,17 @@ def run_sync(cfg: SyncTrainConfig, *, resume: bool = False, progress: Any = None
             trained = set(result.trained)
             counters["rollouts_consumed"] += sum(len(g.completions) for g in groups if g.group_id in trained)
             counters["dropped_groups"] += len(result.dropped)
+            circuit.record(applied=bool(trained), skip_reason=result.skip_reason)
             if result.skipped:
                 counters["skipped_batches"] += 1
                 counters["skipped_groups"] += len(result.skipped)
                 n, why = len(result.skipped), result.skip_reason
                 log.warning("batch %d not applied (%d groups skipped): %s", batches_done, n, why)
+                try:
+                    circuit.check()
+                except NonFiniteStreak as exc:
+                    log.error("run aborted at batch %d of %d: %s", batches_done, cfg.steps, exc)
+                    raise
                 if progress is not None:
                     progress(batches_done, cfg.steps, {**result.metrics, **counters, "batch": batches_done})
                 continue

@@ -2,9 +2,10 @@
 
 SIGTERM: uvicorn stops serving, the lifespan sets `stop`, the step in flight finishes and is committed
 (a batch still being collected stays pending in Redis), then the process exits. If the training loop fails
-(e.g. Redis gone for longer than `redis_retries` allow) the process stops itself, so that its supervisor
-(`r2vpo up`, compose, Kubernetes) restarts it from the last checkpoint instead of leaving a live process
-that trains nothing.
+(e.g. Redis gone for longer than `redis_retries` allow, or `max_consecutive_nonfinite` batches in a row not
+finite) the process logs why and stops itself with SIGTERM (uvicorn re-raises it after shutdown: a non-zero
+exit status), so that its supervisor (`r2vpo up`, compose, Kubernetes) restarts it from the last checkpoint
+instead of leaving a live process that trains nothing.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def create_app(settings: LearnerSettings) -> FastAPI:
 
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("learner loop failed: %r", task.exception())
+        exc = task.exception()
+        log.error("learner loop failed: %s: %s", type(exc).__name__, exc)
         if threading.current_thread() is threading.main_thread():  # a served process, not an embedded app
             log.error("stopping the process so that its supervisor restarts it")
             os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: graceful exit

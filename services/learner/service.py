@@ -22,11 +22,13 @@ On stop (SIGTERM) the step in flight finishes and is committed; a batch still be
 trained and stays pending in Redis for the next learner.
 
 A batch whose update is not finite (NaN/inf; `trainer.learner`) is not applied (weights, optimizer, version
-unchanged) and its groups are dead-lettered at once (`_dead_letter`): a record with the reason and the group
-in the dead-letter stream, then settled as dropped (`dropped:non-finite update`, in the dropped set, so never
-trained later); the learner warns, counts them and goes on with the next batch. Settling them before any
-checkpoint is safe because they changed nothing; a crash between record and settle leaves them pending, to be
-read and skipped again (a second record, counters exact).
+unchanged) and its groups are dead-lettered at once (`_dead_letter`, `TrajectoryQueue.dead_letter_deliveries`:
+record, acknowledgement, dead-lettered set and count in one atomic, idempotent step, so never trained later);
+the learner warns, counts them and goes on with the next batch. Settling them before any checkpoint is safe
+because they changed nothing. After `max_consecutive_nonfinite` such batches in a row (`trainer.circuit`) the
+loop fails with `NonFiniteStreak` and the process exits (non-zero) rather than dead-letter every later batch.
+The streak is kept in the run's state hash, so a restarted learner stops again at its next non-finite batch
+instead of draining another `max_consecutive_nonfinite`; an applied batch resets it.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ import torch
 
 from client.schemas import TrajectoryGroup
 from services.learner.metrics import LearnerMetrics
-from services.learner.recovery import cut_metrics_rows, same_step
+from services.learner.recovery import cut_metrics_rows, recover_metrics_stream
 from services.learner.settings import LearnerSettings
 from services.queue import TRANSIENT, Delivery, QueueUnavailable, TrajectoryQueue, connect_redis, with_retry
 from services.weights import WeightStore
 from trainer.checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
+from trainer.circuit import NonFiniteCircuit
 from trainer.device import resolve_device, to_cpu
 from trainer.learner import Learner, StepResult
 from trainer.policy import Policy, greedy_accuracy
@@ -59,7 +62,6 @@ log = logging.getLogger("r2vpo.learner")
 T = TypeVar("T")
 FAILPOINTS_ENV = "R2VPO_FAILPOINTS"
 STALE_REASON = "stale beyond max_lag"
-NONFINITE_REASON = "non-finite update"  # the `dropped:<reason>` counter of dead-lettered batches
 
 
 def failpoint(name: str, version: int) -> None:
@@ -89,6 +91,7 @@ class LearnerService:
         self.policy = Policy.from_pretrained(model_dir, device=device)
         log.info("training on %s (learner.device %r)", device, settings.learner.device)
         self.learner = Learner(self.policy, settings.learner, seed=settings.seed)
+        self.circuit = NonFiniteCircuit(settings.max_consecutive_nonfinite)  # streak restored by `start`
         self.counters: dict[str, Any] = {
             "rollouts_consumed": 0,
             "groups_trained": 0,
@@ -146,6 +149,9 @@ class LearnerService:
         queue = self.queue
         await self._redis(queue.ensure_group)
         await self._recover()
+        self.circuit.restore(await self._redis(queue.get_state))
+        if self.circuit.streak:
+            log.warning("resuming after %d consecutive non-finite batches", self.circuit.streak)
         latest = await self._redis(queue.latest_weights)
         if latest is None or latest.version < self.learner.version:
             await self._publish()
@@ -164,24 +170,8 @@ class LearnerService:
         self.rows = cut_metrics_rows(self.run_dir / "metrics.jsonl", state)
         unacked = state.get("unacked", {})
         await self._settle(unacked.get("trained", []), unacked.get("dropped", []))
-        await self._recover_stream(state)
-
-    async def _recover_stream(self, state: dict[str, Any]) -> None:
-        """Delete metrics-stream entries of rolled-back steps; restore the checkpointed step's entry."""
         assert self.queue is not None
-        queue, after, row = self.queue, state.get("metrics_stream_id", "0-0"), state.get("metrics_row")
-        entries = await self._redis(lambda: queue.read_metrics(after, count=100_000))
-        keep = entries[:1] if entries and row is not None and same_step(entries[0][1], row) else []
-        doomed = [entry_id for entry_id, _ in entries[len(keep) :]]
-        if doomed:
-            log.warning("metrics stream: %d entries of rolled-back steps removed", len(doomed))
-            await self._redis(lambda: queue.redis.xdel(queue.keys.metrics, *doomed))
-        if keep:
-            self.last_stream_id = keep[0][0]
-        elif row is not None:
-            self.last_stream_id = await self._redis(lambda: queue.append_metrics(row))
-        else:
-            self.last_stream_id = after
+        self.last_stream_id = await recover_metrics_stream(self.queue, state, self._redis)
 
     async def _settle(self, trained: Sequence[Sequence[str]], dropped: Sequence[Sequence[str]]) -> None:
         """Acknowledge (entry id, group id) pairs as trained / dropped, idempotently: each attempt first
@@ -217,29 +207,41 @@ class LearnerService:
         return {g for g, p in zip(group_ids, present, strict=True) if not p}
 
     async def _dead_letter(self, deliveries: list[Delivery], result: StepResult) -> dict[str, Any]:
-        """A batch whose update was not finite: its groups to the dead-letter stream (module doc)."""
+        """A batch whose update was not finite: its groups to the dead-letter stream; at the end of a streak
+        of them, stop (module doc)."""
         assert self.queue is not None
         queue, skipped, stale = self.queue, set(result.skipped), set(result.dropped)
         poisoned = [d for d in deliveries if d.group.group_id in skipped]
         reason = f"{result.skip_reason}; the batch was not applied"
-        log.warning("%s: %d groups dead-lettered, training goes on", reason, len(poisoned))
-
-        async def once() -> None:
-            absent = await self._absent(queue.keys.dropped, list(skipped))
-            todo = [d for d in poisoned if d.group.group_id in absent]
-            for d in todo:
-                payload = d.group.model_dump_json()
-                await queue.dead_letter(payload, reason, group_id=d.group.group_id, produced=False)
-            if todo:
-                await queue.drop(todo, reason=NONFINITE_REASON)
-
-        await self._redis(once)
+        log.warning("%s: %d groups dead-lettered", reason, len(poisoned))
+        await self._redis(lambda: queue.dead_letter_deliveries(poisoned, reason))  # idempotent: retry-safe
         await self._settle([], [[d.entry_id, g] for d in deliveries if (g := d.group.group_id) in stale])
         self.counters["groups_dropped"] += len(stale)
         self.counters["groups_dead_lettered"] += len(poisoned)
         self.counters["batches_skipped_nonfinite"] += 1
         self.metrics.observe_skipped(len(poisoned), len(stale))
+        await self._observe_queue()
+        await self._record_outcome(applied=False, skip_reason=result.skip_reason)
         return result.metrics | {"skipped": reason, "groups_dead_lettered": len(poisoned)}
+
+    async def _record_outcome(self, *, applied: bool, skip_reason: str | None = None) -> None:
+        """Count a batch towards (or reset) the non-finite streak, kept in Redis; at the limit, commit the
+        steps trained before it and raise `NonFiniteStreak` (the batch's groups are settled already)."""
+        assert self.queue is not None
+        queue, before = self.queue, self.circuit.streak
+        self.circuit.record(applied=applied, skip_reason=skip_reason)
+        if self.circuit.streak != before:
+            await self._redis(lambda: queue.set_state(self.circuit.state()))
+        if self.circuit.tripped:
+            await self.commit()
+            self.circuit.check()
+
+    async def _observe_queue(self) -> None:
+        assert self.queue is not None
+        try:  # gauges only: not worth waiting for Redis
+            self.metrics.observe_queue(await self.queue.accounting(), await self.queue.length())
+        except (*TRANSIENT, QueueUnavailable) as exc:
+            log.warning("queue gauges not updated: %s", exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -282,6 +284,7 @@ class LearnerService:
         if result.skipped:  # not applied: no step, no metrics row, no commit
             return await self._dead_letter(deliveries, result)
         trained, dropped = set(result.trained), set(result.dropped)
+        await self._record_outcome(applied=bool(trained))
         self.uncommitted += [d for d in deliveries if d.group.group_id in trained]
         self.uncommitted_dropped += [d for d in deliveries if d.group.group_id in dropped]
         self.counters["rollouts_consumed"] += sum(len(g.completions) for g in groups if g.group_id in trained)
@@ -312,10 +315,7 @@ class LearnerService:
         self.metrics.observe_step(
             record, hist, max(1.0, result.metrics.get("samples", 1) / max(1, len(groups)))
         )
-        try:  # gauges only: not worth waiting for Redis
-            self.metrics.observe_queue(await queue.accounting(), await queue.length())
-        except (*TRANSIENT, QueueUnavailable) as exc:
-            log.warning("queue gauges not updated: %s", exc)
+        await self._observe_queue()
         return record
 
     async def commit(self, row: dict[str, Any] | None = None) -> dict[str, float]:

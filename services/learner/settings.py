@@ -33,6 +33,9 @@ class LearnerSettings(ServiceSettings, env_prefix="R2VPO_LEARNER_"):
     redis_retries: int = Field(
         30, ge=1, description="attempts per Redis operation (backoff 0.2 s doubling to 2 s) before giving up"
     )
+    max_consecutive_nonfinite: int = Field(
+        5, ge=1, description="stop (exit non-zero) after this many batches in a row with a non-finite update"
+    )
     seed: int = 0
 
     @field_validator("learner")

@@ -1,6 +1,7 @@
 """A batch with a non-finite update no longer crash-loops the learner service: it is not applied, its groups
-go to the dead-letter stream with the reason, the learner counts it and trains the next batch; groups are
-settled exactly once and nothing is trained twice, also across a restart and a re-pushed poisoned group.
+go to the dead-letter stream with the reason (counted as dead-lettered in the queue's accounting), the learner
+counts it and trains the next batch; groups are settled exactly once and nothing is trained twice, also across
+a restart and a re-pushed poisoned group.
 
 Real pieces only: a real redis-server (append-only file read back), the learner app under uvicorn with real
 HTTP, groups sampled from the embedded tiny policy. The poison is real data: a group whose rewards are finite
@@ -21,7 +22,7 @@ from harness import accounting_identity, announced_versions, keys, redis_client,
 
 from client.schemas import TrajectoryGroup
 from services.learner.app import create_app
-from services.learner.service import NONFINITE_REASON, LearnerSettings
+from services.learner.service import LearnerSettings
 from services.queue import RedisKeys, TrajectoryQueue, connect_redis
 from trainer.policy import Policy
 from trainer.rollout import generate_groups
@@ -101,10 +102,13 @@ def test_nonfinite_batch_is_dead_lettered_and_training_goes_on(app_server, redis
     for _, fields in letters:
         assert fields["reason"].startswith("non-finite advantages") and "not applied" in fields["reason"]
         assert TrajectoryGroup.model_validate_json(fields["data"]).group_id == fields["group_id"]
-    assert r.smembers(k["dropped"]) == skipped and not r.smembers(k["trained"]) & skipped
-    assert r.hget(k["counters"], f"dropped:{NONFINITE_REASON}") == str(PER_STEP)
+        assert fields["entry_id"]  # the stream entry it was read from (acknowledged and deleted)
+    assert r.smembers(RedisKeys(RUN).dead_lettered) == skipped and not r.smembers(k["dropped"])
+    assert not r.smembers(k["trained"]) & skipped
+    assert r.hget(k["counters"], "dead_lettered") == str(PER_STEP)
     assert metric(metrics, "r2vpo_learner_nonfinite_updates_total") == 1
     assert metric(metrics, "r2vpo_learner_groups_dead_lettered_total") == PER_STEP
+    assert metric(metrics, "r2vpo_queue_dead_lettered") == PER_STEP  # the queue's gauge tells the same
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["version"]) for row in rows] == [(1, 1), (2, 2)]  # one row per step, no more
     assert [row["batches_skipped_nonfinite"] for row in rows] == [0, 1]
@@ -119,6 +123,7 @@ def test_nonfinite_batch_is_dead_lettered_and_training_goes_on(app_server, redis
 
     acc = accounting(redis_server.url)
     accounting_identity(acc)  # produced = trained + dead_lettered + dropped + duplicates + pending
-    assert (acc["produced"], acc["trained"], acc["dropped"], acc["duplicates_skipped"]) == (17, 12, 4, 1), acc
+    counts = tuple(acc[n] for n in ("produced", "trained", "dead_lettered", "dropped", "duplicates_skipped"))
+    assert counts == (17, 12, 4, 0, 1), acc
     assert acc["pending"] == 0 and r.smembers(k["trained"]) == {g.group_id for g in groups} - skipped
     assert announced_versions(Path(redis_server.data_dir) / "appendonly.aof", RUN) == [0, 1, 2, 3]
