@@ -23,6 +23,9 @@ from typing import Any
 
 import httpx
 
+# A service exits with this when restarting it cannot help (e.g. the learner's weights went non-finite):
+# the supervisor ends the run instead of restarting it.
+EXIT_DO_NOT_RESTART = 3
 log = logging.getLogger("r2vpo.up")  # the supervisor logs as `r2vpo up`, as before the split
 
 
@@ -125,10 +128,15 @@ class Supervisor:
                     child.waiting_ready_since = None
                 continue
             if child.next_start is None:
+                code = child.process.returncode if child.process is not None else None
+                if code == EXIT_DO_NOT_RESTART:
+                    raise RuntimeError(
+                        f"{child.name} stopped for a reason a restart cannot fix (exit {code}); "
+                        f"see {child.log_path}"
+                    )
                 if child.restarts >= self.max_restarts:
                     raise RuntimeError(f"{child.name} died {child.restarts + 1} times; see {child.log_path}")
                 delay = min(self.backoff_s * 2**child.restarts, self.max_backoff_s)
-                code = child.process.returncode if child.process is not None else None
                 log.warning("%s exited with %s; restarting in %.1f s", child.name, code, delay)
                 self.events.append({"service": child.name, "exit_code": code, "backoff_s": delay,
                                     "time": time.time(), "ready_s": None})  # fmt: skip

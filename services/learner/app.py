@@ -5,7 +5,8 @@ SIGTERM: uvicorn stops serving, the lifespan sets `stop`, the step in flight fin
 (e.g. Redis gone for longer than `redis_retries` allow, or `max_consecutive_nonfinite` batches in a row not
 finite) the process logs why and stops itself with SIGTERM (uvicorn re-raises it after shutdown: a non-zero
 exit status), so that its supervisor (`r2vpo up`, compose, Kubernetes) restarts it from the last checkpoint
-instead of leaving a live process that trains nothing.
+instead of leaving a live process that trains nothing. The non-finite streak is the exception: a restart
+cannot fix diverged weights, so the process exits with `EXIT_DO_NOT_RESTART` (3) and `r2vpo up` ends the run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.learner.service import LearnerService, LearnerSettings
+from services.supervisor import EXIT_DO_NOT_RESTART
 from services.weights import weights_router
+from trainer.circuit import NonFiniteStreak
 
 log = logging.getLogger("r2vpo.learner")
 
@@ -87,6 +90,11 @@ def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         exc = task.exception()
         log.error("learner loop failed: %s: %s", type(exc).__name__, exc)
-        if threading.current_thread() is threading.main_thread():  # a served process, not an embedded app
-            log.error("stopping the process so that its supervisor restarts it")
-            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: graceful exit
+        if threading.current_thread() is not threading.main_thread():  # an embedded app, not a process
+            return
+        if isinstance(exc, NonFiniteStreak):  # a restart would only dead-letter the next batch as well
+            log.error("not restartable: exiting with status %d", EXIT_DO_NOT_RESTART)
+            logging.shutdown()
+            os._exit(EXIT_DO_NOT_RESTART)  # the failed loop committed what it trained; nothing is in flight
+        log.error("stopping the process so that its supervisor restarts it")
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: graceful exit

@@ -21,6 +21,7 @@ from test_faults_nonfinite import RUN, accounting, push, real_groups, with_huge_
 from client.schemas import TrajectoryGroup
 from services.queue import RedisKeys, TrajectoryQueue, connect_redis
 from services.redis_server import free_port
+from services.supervisor import EXIT_DO_NOT_RESTART
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 PER_STEP = 4
@@ -92,7 +93,7 @@ def test_learner_stops_after_consecutive_nonfinite_batches_and_a_restart_stops_a
     # stay pending.
     code, log = serve_learner(tmp_path, settings, "first")
 
-    assert code != 0, log[-3000:]
+    assert code == EXIT_DO_NOT_RESTART, (code, log[-3000:])
     assert "NonFiniteStreak: 2 consecutive batches were not applied" in log, log[-3000:]
     assert "max_consecutive_nonfinite=2" in log and "the last one: non-finite advantages" in log
     ids = {name: {g.group_id for g in batch} for name, batch in order.items()}
@@ -106,7 +107,7 @@ def test_learner_stops_after_consecutive_nonfinite_batches_and_a_restart_stops_a
     # Restarted (as a supervisor would), the learner keeps the count: G alone is enough to stop it again.
     code, log = serve_learner(tmp_path, settings, "second")
 
-    assert code != 0 and "NonFiniteStreak: 3 consecutive batches" in log, log[-3000:]
+    assert code == EXIT_DO_NOT_RESTART and "NonFiniteStreak: 3 consecutive batches" in log, log[-3000:]
     assert r.smembers(k.dead_lettered) == ids["B"] | ids["D"] | ids["E"] | ids["G"]
     acc = accounting(redis_server.url)
     accounting_identity(acc)
