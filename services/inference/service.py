@@ -182,6 +182,12 @@ class InferenceService:
         engine = self.require_engine()
         return ModelList(data=[ModelCard(id=engine.model_name, policy_version=engine.version)])
 
+    def _prompts(self, req: CompletionBody, engine: InferenceEngine) -> list[list[int]]:
+        """The request's prompts as token ids, checked against the limits (tokenizes: off the loop)."""
+        prompts = self._prompt_ids(req, engine)
+        self._check(req, prompts, engine)
+        return prompts
+
     def _prompt_ids(self, req: CompletionRequest, engine: InferenceEngine) -> list[list[int]]:
         prompt = req.prompt
         if isinstance(prompt, str):
@@ -226,9 +232,10 @@ class InferenceService:
                 raise ServiceError(400, f"prompt {i}: token ids must lie in [0, {engine.vocab_size})")
 
     async def complete(self, req: CompletionBody) -> CompletionResponse:
+        """Tokenizing and detokenizing run in worker threads, sampling in the engine's: the event loop only
+        parses and routes, so concurrent requests reach the engine together and batch."""
         engine = self.require_engine()
-        prompts = self._prompt_ids(req, engine)
-        self._check(req, prompts, engine)
+        prompts = await asyncio.to_thread(self._prompts, req, engine)
         started = time.perf_counter()
         try:
             generations = await engine.generate(
@@ -242,13 +249,24 @@ class InferenceService:
         except ValueError as exc:  # the engine's own checks (limits the service did not know about)
             raise ServiceError(400, str(exc)) from exc
         self.metrics.latency.observe(time.perf_counter() - started)
+        response = await asyncio.to_thread(self._response, req, prompts, generations, engine)
+        self.metrics.tokens.inc(response.usage.completion_tokens)
+        return response
+
+    def _response(
+        self,
+        req: CompletionBody,
+        prompts: list[list[int]],
+        generations: list[list[Generation]],
+        engine: InferenceEngine,
+    ) -> CompletionResponse:
+        """The OpenAI-style response: choices prompt-major, `n` per prompt, with their text (detokenizes)."""
         choices = [
             self._choice(k * req.n + j, gen, prompts[k], req.logprobs is not None, engine)
             for k, per_prompt in enumerate(generations)
             for j, gen in enumerate(per_prompt)
         ]
         completion_tokens = sum(len(c.token_ids) for c in choices)
-        self.metrics.tokens.inc(completion_tokens)
         prompt_tokens = sum(len(p) for p in prompts)
         usage = CompletionUsage(
             prompt_tokens=prompt_tokens,

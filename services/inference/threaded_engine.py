@@ -2,12 +2,14 @@
 
 Coroutines hand work to the worker under one condition variable (`_submit`) and wait on a future that the
 worker resolves on their event loop (`Reply`). A weight update is checked off the event loop, staged, and
-swapped in by the worker between batches (`_apply`), so no completion mixes versions. When the engine
-closes, or its worker dies, every request and update still waiting fails with `EngineClosed`.
+swapped in by the worker between batches (`_apply`), so no completion mixes versions. Every reply
+handed to the worker is tracked until its coroutine has it back; when the worker stops (closed, or dead),
+every one still unanswered fails with `EngineClosed`, wherever the worker held it: queued, staged, or
+taken off the queues in the batch or swap it died in.
 
 A subclass sets the model's facts (`_template`, `_aliases`, `_max_model_len`, `_vocab_size`, `stats`),
 starts the worker with `_start_worker` and implements what is its own: `_generate` (queue one checked
-request), `_check_weights`, `_serve` (the worker's loop), `_take_waiting` and `_swap_in`.
+request), `_check_weights`, `_serve` (the worker's loop) and `_swap_in`.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ class ThreadedEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self._version = version
-        self._cond = threading.Condition()  # guards the queues, `_staged` and `_closed`
+        self._cond = threading.Condition()  # guards the queues, `_staged`, `_unanswered` and `_closed`
         self._staged: list[StagedWeights] = []
+        self._unanswered: set[Reply] = set()  # handed to the worker, not yet back with their coroutine
         self._closed = False
 
     # --- the InferenceEngine interface --------------------------------------------------------------
@@ -164,10 +167,6 @@ class ThreadedEngine:
 
     def _serve(self) -> None:
         """The worker's loop: return once `_closed` is set."""
-        raise NotImplementedError
-
-    def _take_waiting(self) -> list[Reply]:
-        """Under `_cond`, once closed: remove and return every request not answered yet."""
         raise NotImplementedError
 
     def _swap_in(self, weights: dict[str, Tensor]) -> None:
@@ -232,15 +231,21 @@ class ThreadedEngine:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             enqueue(reply)
+            self._unanswered.add(reply)
             self._cond.notify()
-        return await reply.future
+        try:
+            return await reply.future
+        finally:
+            with self._cond:
+                self._unanswered.discard(reply)
 
     def _start_worker(self, name: str) -> None:
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
     def _run(self) -> None:
-        """The worker thread: serve until closed, then fail whatever still waits."""
+        """The worker thread: serve until closed, then fail every reply not answered yet (an answer
+        already sent wins: `_settle` leaves a resolved future alone)."""
         error: BaseException = EngineClosed("the engine is closed")
         try:
             self._serve()
@@ -249,9 +254,9 @@ class ThreadedEngine:
             error = EngineClosed(f"the engine worker died: {exc!r}")
         with self._cond:
             self._closed = True
-            waiting = self._take_waiting()
-            staged, self._staged = self._staged, []
-        for reply in [*waiting, *staged]:
+            unanswered, self._unanswered = self._unanswered, set()
+            self._staged = []
+        for reply in unanswered:
             reply.fail(error)
 
     def _apply(self, stage: StagedWeights) -> None:

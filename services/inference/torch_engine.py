@@ -5,9 +5,12 @@ two is floating-point noise. One worker thread owns the model:
 
 - Requests are split into chunks of at most `max_batch_size` sequences when they arrive (prompt-major, each
   prompt repeated `n` times). The worker takes every queued chunk that fits into one batch, groups the
-  chunks by (max_tokens, temperature, top_p) and samples each group with one `Policy.sample` call; a request
-  with a `seed` is sampled on its own with its own `torch.Generator`, so its samples do not depend on what
-  else was queued. Results go back to the waiting coroutine with `loop.call_soon_threadsafe`.
+  chunks by (max_tokens, temperature, top_p) and samples each group with one `Policy.sample` call. A request
+  with a `seed` shares that call but draws its tokens from its own `torch.Generator` (`_GeneratorRuns`), so
+  its draws do not depend on what else was queued and concurrent seeded requests (the rollout workers
+  send a seed with every request) still batch. Its logits can differ from a lone run's by floating-point
+  noise of the batch's shape, so a near-tie may rarely sample differently; alone it is exactly
+  reproducible. Results go back to the waiting coroutine with `loop.call_soon_threadsafe`.
 - Weight updates are staged and applied by the worker between batches, so each completion is generated
   by exactly one version and carries that version.
 
@@ -18,11 +21,12 @@ The worker thread, the staging of weights and the checks it shares with `VllmEng
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -54,6 +58,32 @@ class _Chunk:
     stop: int
 
 
+@dataclass(frozen=True)
+class _GeneratorRuns:
+    """Stands in for the generator of `Policy.sample`: consecutive runs of rows, each drawing from its own
+    generator, in row order: [(rows, generator), ...]."""
+
+    runs: list[tuple[int, torch.Generator]]
+
+
+class _BatchPolicy(Policy):
+    """`Policy` whose `sample` also takes `_GeneratorRuns`: each run draws as one `sample` call of its rows
+    alone with its generator would (same tensor shape, same generator state), inside a shared batch."""
+
+    @staticmethod
+    def _pick(
+        logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        if not isinstance(generator, _GeneratorRuns):
+            return Policy._pick(logits, temperature, top_p, generator)
+        parts = logits.split([rows for rows, _ in generator.runs])
+        picks = [
+            Policy._pick(part, temperature, top_p, g)
+            for part, (_, g) in zip(parts, generator.runs, strict=True)
+        ]
+        return torch.cat([token for token, _ in picks]), torch.cat([logp for _, logp in picks])
+
+
 class TorchEngine(ThreadedEngine):
     """`InferenceEngine` over a local HF causal-LM directory, on CPU or one GPU."""
 
@@ -73,7 +103,7 @@ class TorchEngine(ThreadedEngine):
         super().__init__(max_batch_size=max_batch_size, version=version)
         if num_threads is not None:  # process-wide; fewer threads than cores when services share the CPU
             torch.set_num_threads(num_threads)
-        self.policy = Policy.from_pretrained(model_dir, device=device)
+        self.policy = _BatchPolicy.from_pretrained(model_dir, device=device)
         self.model_name = model_name or Path(model_dir).name
         config = self.policy.model.config
         self._max_model_len = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -153,11 +183,6 @@ class TorchEngine(ThreadedEngine):
             if batch:
                 self._run_batch(batch)
 
-    def _take_waiting(self) -> list[Reply]:
-        jobs = list(dict.fromkeys(c.job for c in self._chunks))
-        self._chunks.clear()
-        return jobs
-
     def _swap_in(self, weights: dict[str, Tensor]) -> None:
         with torch.no_grad():
             self.policy.model.load_state_dict(weights, strict=False)
@@ -181,14 +206,12 @@ class TorchEngine(ThreadedEngine):
     def _run_batch(self, batch: list[_Chunk]) -> None:
         """Sample every group of the batch; deliver each job once all its rows are done."""
         version = self._version
-        groups: dict[Any, list[_Chunk]] = {}
-        for chunk in batch:
-            seeded = chunk.job.generator is not None
-            groups.setdefault(("seeded", id(chunk)) if seeded else chunk.job.key, []).append(chunk)
-        for chunks in groups.values():
-            max_tokens, temperature, top_p = chunks[0].job.key
+        groups: dict[tuple[int, float, float], list[_Chunk]] = {}
+        for chunk in sorted(batch, key=lambda c: c.job.generator is not None):  # unseeded ones: one run
+            groups.setdefault(chunk.job.key, []).append(chunk)
+        for (max_tokens, temperature, top_p), chunks in groups.items():
             rows = [row for c in chunks for row in c.job.rows[c.start : c.stop]]
-            generator = chunks[0].job.generator or self._sampling_rng
+            generator = self._generator(chunks, temperature)
             try:
                 samples = self.policy.sample(
                     rows, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, generator=generator
@@ -216,3 +239,11 @@ class TorchEngine(ThreadedEngine):
         self.stats["max_batch_sequences"] = max(
             self.stats["max_batch_sequences"], sum(c.stop - c.start for c in batch)
         )
+
+    def _generator(self, chunks: list[_Chunk], temperature: float) -> torch.Generator:
+        """The shared generator, unless a seeded request is among `chunks`: then one run per generator."""
+        if temperature == 0 or all(c.job.generator is None for c in chunks):
+            return self._sampling_rng
+        by_generator = itertools.groupby(chunks, key=lambda c: c.job.generator or self._sampling_rng)
+        runs = [(sum(c.stop - c.start for c in run), generator) for generator, run in by_generator]
+        return cast(torch.Generator, _GeneratorRuns(runs))  # `_BatchPolicy._pick` reads it

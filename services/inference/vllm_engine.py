@@ -254,12 +254,6 @@ class VllmEngine(ThreadedEngine):
         super()._run()  # serves until closed (or a vLLM failure), then fails whatever still waits
         self._shutdown()
 
-    def _take_waiting(self) -> list[Reply]:
-        jobs: list[Reply] = [*self._queue, *dict.fromkeys(self._running.values())]
-        self._queue.clear()
-        self._running.clear()
-        return jobs
-
     def _serve(self) -> None:
         engine = self.llm.llm_engine
         while True:

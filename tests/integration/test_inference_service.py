@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 from conftest import serve_app
+from engine_helpers import save_tiny_policy
 from safetensors.torch import save
 
 from client.inference import AsyncInferenceClient, InferenceClient, InferenceError
@@ -27,7 +28,6 @@ from services.queue import TrajectoryQueue, connect_redis
 from services.redis_server import free_port
 from services.weights import WeightStore
 from trainer.policy import Policy
-from trainer.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 TOKEN = "s3cret-admin-token"
@@ -37,10 +37,7 @@ PROMPTS = ["1+2=", "7-3+4=", "9+9-1="]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """An untrained tiny policy saved once for the module (fast; no warm start)."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny"
-    model, tokenizer = build_tiny_model()
-    Policy(model, tokenizer).save(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
 @pytest.fixture(scope="module")

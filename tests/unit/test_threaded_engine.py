@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from engine_helpers import queued_together
 from torch import Tensor
 
 from services.inference.engine import EngineClosed, Generation, InferenceEngine
@@ -74,11 +75,6 @@ class EchoEngine(ThreadedEngine):
             for job, request in jobs:
                 gen = [Generation(list(p), [0.0] * len(p), "length", self._version) for p in request.prompts]
                 job.answer([[g] * request.n for g in gen])
-
-    def _take_waiting(self) -> list[Reply]:
-        waiting = [job for job, _ in self._jobs]
-        self._jobs.clear()
-        return waiting
 
     def _swap_in(self, weights: dict[str, Tensor]) -> None:
         if self.fail_swap:
@@ -208,3 +204,27 @@ def test_a_dying_worker_fails_its_waiters_instead_of_hanging_them(caplog):
             asyncio.run(engine.generate([[1]]))
     finally:
         engine.close()
+
+
+class FatalSwapEngine(EchoEngine):
+    """Like `VllmEngine`: a swap that fails after the checks passed stops the worker."""
+
+    def _swap_failed(self, stage, exc: Exception) -> None:
+        stage.fail(EngineClosed(f"weight reload failed: {exc!r}"))
+        raise exc
+
+
+def test_updates_queued_behind_a_fatal_swap_fail_instead_of_hanging():
+    """Three updates staged together; the first one's swap stops the worker: all three get an answer."""
+    engine = FatalSwapEngine(fail_swap=True)
+    calls = [engine.load_weights(good_weights(float(v)), v) for v in (1, 2, 3)]
+    try:
+        results = asyncio.run(queued_together(engine, calls, lambda: len(engine._staged) == 3))
+    finally:
+        engine.close()
+    assert all(isinstance(r, EngineClosed) for r in results), results
+    messages = sorted(str(r) for r in results)  # staged in the order their checks finished
+    assert messages == ["the engine worker died: OSError('disk on fire')"] * 2 + [
+        "weight reload failed: OSError('disk on fire')"
+    ]
+    assert engine.version == 0

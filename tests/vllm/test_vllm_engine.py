@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from engine_helpers import save_tiny_policy
 
 from services.inference import InferenceSettings, create_app, vllm_engine
 from services.inference.engine import Generation, InferenceEngine
@@ -25,7 +26,7 @@ from services.inference.torch_engine import TorchEngine
 from services.inference.vllm_engine import VllmEngine
 from services.weights import WeightStore, fetch_weights, verify_and_load
 from trainer.policy import Policy
-from trainer.tiny import EOS_ID, build_tiny_model
+from trainer.tiny import EOS_ID
 
 pytestmark = [
     pytest.mark.vllm,
@@ -38,10 +39,7 @@ PROMPTS = [[1, 20, 21, 22], [1, 40], [1, *range(50, 80)]]  # different lengths (
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "tiny"
-    model, tokenizer = build_tiny_model()
-    Policy(model, tokenizer).save(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
 @pytest.fixture(scope="module")
