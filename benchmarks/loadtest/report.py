@@ -133,13 +133,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_section(readme: Path, text: str) -> None:
-    """Replace this benchmark's section (its heading up to the next `## ` heading), else append it."""
+    """Replace this benchmark's section (its heading up to the next `## ` heading or `<!--` marker line, which
+    belongs to the section after it), else append it."""
     old = readme.read_text() if readme.exists() else ""
     lines = old.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
     if start is None:
         new = old + ("\n" if old and not old.endswith("\n\n") else "") + text
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        later = range(start + 1, len(lines))
+        end = next((i for i in later if lines[i].startswith(("## ", "<!--"))), len(lines))
         new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
     readme.write_text(new if new.endswith("\n") else new + "\n")
