@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -189,9 +190,13 @@ class Policy:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[tuple[int, torch.Generator]] | None = None,
     ) -> list[Sampled]:
         """Sample a completion per prompt: left-padded prefill, then one token per step on a KV cache.
+
+        `generator` is one generator for the batch, or consecutive runs of rows `[(rows, generator), ...]`
+        (rows summing to the batch) each drawing from its own generator: a run then draws what a `sample`
+        call of its rows alone with that generator would (the inference engine batches seeded requests so).
 
         `temperature == 0` is greedy (log-probs then of `log_softmax(logits)`). With `top_p < 1` the
         reported log-prob is of the renormalised nucleus, the distribution actually sampled; the
@@ -204,6 +209,10 @@ class Policy:
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token (the bos)")
         batch, dev = len(prompt_ids), self.device
+        if isinstance(generator, Sequence) and sum(rows for rows, _ in generator) != batch:
+            raise ValueError(
+                f"generator runs cover {sum(r for r, _ in generator)} rows, the batch has {batch}"
+            )
         if batch == 0 or max_new_tokens <= 0:
             return [Sampled([], [], "length") for _ in range(batch)]
         width = max(len(p) for p in prompt_ids)
@@ -263,9 +272,19 @@ class Policy:
 
     @staticmethod
     def _pick(
-        logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+        logits: Tensor,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | Sequence[tuple[int, torch.Generator]] | None,
     ) -> tuple[Tensor, Tensor]:
         """Choose one token per row; return it and its log-prob under the distribution sampled."""
+        if isinstance(generator, Sequence) and temperature != 0:  # runs of rows, each its own generator
+            parts = logits.split([rows for rows, _ in generator])
+            picks = [
+                Policy._pick(part, temperature, top_p, g)
+                for part, (_, g) in zip(parts, generator, strict=True)
+            ]
+            return torch.cat([token for token, _ in picks]), torch.cat([logp for _, logp in picks])
         if temperature == 0:
             token = logits.argmax(-1)
             return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)

@@ -6,11 +6,11 @@ two is floating-point noise. One worker thread owns the model:
 - Requests are split into chunks of at most `max_batch_size` sequences when they arrive (prompt-major, each
   prompt repeated `n` times). The worker takes every queued chunk that fits into one batch, groups the
   chunks by (max_tokens, temperature, top_p) and samples each group with one `Policy.sample` call. A request
-  with a `seed` shares that call but draws its tokens from its own `torch.Generator` (`_GeneratorRuns`), so
-  its draws do not depend on what else was queued and concurrent seeded requests (the rollout workers
-  send a seed with every request) still batch. Its logits can differ from a lone run's by floating-point
-  noise of the batch's shape, so a near-tie may rarely sample differently; alone it is exactly
-  reproducible. Results go back to the waiting coroutine with `loop.call_soon_threadsafe`.
+  with a `seed` shares that call but draws its tokens from its own `torch.Generator` (a run of rows of
+  `Policy.sample`), so its draws do not depend on what else was queued and concurrent seeded requests (the
+  rollout workers send a seed with every request) still batch. Its logits can differ from a lone run's by
+  floating-point noise of the batch's shape, so a near-tie may rarely sample differently; alone it is
+  exactly reproducible. Results go back to the waiting coroutine with `loop.call_soon_threadsafe`.
 - Weight updates are staged and applied by the worker between batches, so each completion is generated
   by exactly one version and carries that version.
 
@@ -26,7 +26,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import torch
 from torch import Tensor
@@ -58,32 +57,6 @@ class _Chunk:
     stop: int
 
 
-@dataclass(frozen=True)
-class _GeneratorRuns:
-    """Stands in for the generator of `Policy.sample`: consecutive runs of rows, each drawing from its own
-    generator, in row order: [(rows, generator), ...]."""
-
-    runs: list[tuple[int, torch.Generator]]
-
-
-class _BatchPolicy(Policy):
-    """`Policy` whose `sample` also takes `_GeneratorRuns`: each run draws as one `sample` call of its rows
-    alone with its generator would (same tensor shape, same generator state), inside a shared batch."""
-
-    @staticmethod
-    def _pick(
-        logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor]:
-        if not isinstance(generator, _GeneratorRuns):
-            return Policy._pick(logits, temperature, top_p, generator)
-        parts = logits.split([rows for rows, _ in generator.runs])
-        picks = [
-            Policy._pick(part, temperature, top_p, g)
-            for part, (_, g) in zip(parts, generator.runs, strict=True)
-        ]
-        return torch.cat([token for token, _ in picks]), torch.cat([logp for _, logp in picks])
-
-
 class TorchEngine(ThreadedEngine):
     """`InferenceEngine` over a local HF causal-LM directory, on CPU or one GPU."""
 
@@ -103,7 +76,7 @@ class TorchEngine(ThreadedEngine):
         super().__init__(max_batch_size=max_batch_size, version=version)
         if num_threads is not None:  # process-wide; fewer threads than cores when services share the CPU
             torch.set_num_threads(num_threads)
-        self.policy = _BatchPolicy.from_pretrained(model_dir, device=device)
+        self.policy = Policy.from_pretrained(model_dir, device=device)
         self.model_name = model_name or Path(model_dir).name
         config = self.policy.model.config
         self._max_model_len = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -240,10 +213,11 @@ class TorchEngine(ThreadedEngine):
             self.stats["max_batch_sequences"], sum(c.stop - c.start for c in batch)
         )
 
-    def _generator(self, chunks: list[_Chunk], temperature: float) -> torch.Generator:
-        """The shared generator, unless a seeded request is among `chunks`: then one run per generator."""
+    def _generator(
+        self, chunks: list[_Chunk], temperature: float
+    ) -> torch.Generator | list[tuple[int, torch.Generator]]:
+        """The shared generator, unless a seeded request is among `chunks`: then rows per generator."""
         if temperature == 0 or all(c.job.generator is None for c in chunks):
             return self._sampling_rng
         by_generator = itertools.groupby(chunks, key=lambda c: c.job.generator or self._sampling_rng)
-        runs = [(sum(c.stop - c.start for c in run), generator) for generator, run in by_generator]
-        return cast(torch.Generator, _GeneratorRuns(runs))  # `_BatchPolicy._pick` reads it
+        return [(sum(c.stop - c.start for c in run), generator) for generator, run in by_generator]

@@ -184,3 +184,15 @@ def test_greedy_accuracy_counts_exactly_right_answers(policy):
     acc = greedy_accuracy(policy, task, task.heldout_problems, batch_size=7)
     assert 0.0 <= acc <= 1.0
     assert greedy_accuracy(policy, task, []) == 0.0
+
+
+def test_generator_runs_draw_as_each_run_alone_and_must_cover_the_batch(policy):
+    prompts = [policy.encode_prompt(p) for p in ("1 + 2 =", "3 + 4 =", "5 + 6 =")]
+    runs = [(2, torch.Generator().manual_seed(7)), (1, torch.Generator().manual_seed(8))]
+    batched = policy.sample(prompts, max_new_tokens=8, generator=runs)
+    first = policy.sample(prompts[:2], max_new_tokens=8, generator=torch.Generator().manual_seed(7))
+    second = policy.sample(prompts[2:], max_new_tokens=8, generator=torch.Generator().manual_seed(8))
+    assert [s.token_ids for s in batched] == [s.token_ids for s in first + second]
+
+    with pytest.raises(ValueError, match="generator runs cover 2 rows, the batch has 3"):
+        policy.sample(prompts, max_new_tokens=8, generator=[(2, torch.Generator())])
