@@ -85,7 +85,7 @@ local settled = 0
 for i = 4, #ARGV, 3 do
   local entry, gid = ARGV[i], ARGV[i + 1]
   if redis.call('XACK', KEYS[1], ARGV[1], entry) > 0 then
-    redis.call('SADD', KEYS[3], gid)
+    if gid ~= '' then redis.call('SADD', KEYS[3], gid) end
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', '10000', '*', 'reason', ARGV[2], 'group_id', gid,
                'data', ARGV[i + 2], 'entry_id', entry, 'time', ARGV[3])
     settled = settled + 1
@@ -253,7 +253,8 @@ class TrajectoryQueue(RunStore):
                     raise ValueError("entry has no 'data' field")
                 group = TrajectoryGroup.model_validate_json(data)
             except (ValidationError, ValueError) as exc:
-                await self._dead_letter_entry(entry_id, data, f"invalid trajectory group: {exc}"[:2000])
+                reason = f"invalid trajectory group: {exc}"[:2000]
+                await self._dead_letter([(entry_id, "", data or b"")], reason)  # no group id to keep
                 continue
             valid.append(Delivery(entry_id, group, counts.get(entry_id, 1)))
         if not valid:
@@ -274,12 +275,6 @@ class TrajectoryQueue(RunStore):
             await self._settle(dups, [], self.keys.trained, "duplicates_skipped")
         self._inflight.update(d.entry_id for d in fresh)
         return fresh
-
-    async def _dead_letter_entry(self, entry_id: str, data: Any, reason: str) -> None:
-        record = {"reason": reason, "group_id": "", "data": data or b"", "entry_id": entry_id}
-        record["time"] = repr(time.time())
-        await self.redis.xadd(self.keys.deadletter, record, maxlen=10_000, approximate=True)
-        await self._settle([entry_id], [], self.keys.trained, "dead_lettered")
 
     async def _settle(
         self, entry_ids: Sequence[str], members: Sequence[str], set_key: str, field: str, repeat: str = "",
@@ -320,14 +315,17 @@ class TrajectoryQueue(RunStore):
         entry id) and count `dead_lettered`; XDEL the entries. Idempotent: an entry already acknowledged (a
         retry after a lost reply, or another learner settled it) changes nothing, so each entry is counted
         once. Returns the entries dead-lettered by this call."""
-        if not deliveries:
-            return 0
-        args: list[str] = [self.group_name, reason, repr(time.time())]
-        for d in deliveries:
-            args += [d.entry_id, d.group.group_id, d.group.model_dump_json()]
+        items = [(d.entry_id, d.group.group_id, d.group.model_dump_json()) for d in deliveries]
+        return await self._dead_letter(items, reason) if items else 0
+
+    async def _dead_letter(self, items: Sequence[tuple[str, str, Any]], reason: str) -> int:
+        """Run `_DEAD_LETTER` on (entry id, group id, data) triples; returns the entries it settled."""
+        args: list[Any] = [self.group_name, reason, repr(time.time())]
+        for item in items:
+            args += item
         keys = [self.keys.trajectories, self.keys.counters, self.keys.dead_lettered, self.keys.deadletter]
         settled = await self._dead_letter_script(keys=keys, args=args)
-        self._inflight.difference_update(d.entry_id for d in deliveries)
+        self._inflight.difference_update(entry_id for entry_id, _, _ in items)
         return int(settled)
 
     async def trained_ids(self) -> set[str]:
